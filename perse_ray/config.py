@@ -1,0 +1,264 @@
+"""One dataclass tree for every stage, loaded from a YAML preset plus dotted overrides.
+
+    cfg = load_config("cpu", overrides=["train.steps=200", "avatar.num_gaussians=5000"])
+
+Presets live in ``configs/<name>.yaml`` and only hold the values that differ from the defaults
+below. Unknown keys, wrong types and unknown presets raise ``ConfigError`` naming the key and
+the choices, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESETS = ("cpu", "cpu-smoke", "gpu", "tiny")
+
+
+class ConfigError(ValueError):
+    """A preset, key or value that does not fit the config tree."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class EditSpec:
+    """One edit level of an attribute. Diffusion backends read ``prompt``; classical ones ``params``."""
+
+    label: str
+    prompt: str = ""
+    params: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class AttributeSpec:
+    """An editable attribute; edit 0 is always the unedited source, so ``edits`` lists levels 1..K-1."""
+
+    name: str
+    edits: list[EditSpec] = field(default_factory=list)
+
+
+def _default_attributes() -> list[AttributeSpec]:
+    return [
+        AttributeSpec("hair", [EditSpec("auburn", "make the hair auburn", {"hue": 0.05, "amount": 0.6}),
+                               EditSpec("platinum", "make the hair platinum blonde",
+                                        {"hue": 0.13, "amount": 0.9, "lightness": 0.35})]),
+        AttributeSpec("beard", [EditSpec("stubble", "give him stubble", {"density": 0.35}),
+                                EditSpec("full", "give him a full beard", {"density": 0.9})]),
+        AttributeSpec("glasses", [EditSpec("thin", "add thin glasses", {"rim": 0.4, "tint": 0.0}),
+                                  EditSpec("sunglasses", "add sunglasses", {"rim": 1.0, "tint": 0.85})]),
+    ]
+
+
+@dataclass
+class FacesConfig:
+    backend: str = "dlib"  # dlib | insightface
+    detector: str = "hog"  # dlib: hog | cnn
+    upsample: int = 1  # dlib detector upsampling passes
+    model: str = "buffalo_l"  # insightface model pack name or local directory
+    identity_model: str = ""  # insightface ArcFace ONNX path (overrides the pack's)
+    min_face_fraction: float = 0.08  # face box side / short image side below this: "face too small"
+    dominance_ratio: float = 1.6  # largest face must be this many times the next one's area
+    id_threshold: float = 0.5  # id_score below this drops a frame (id_score is in [0, 1])
+
+
+@dataclass
+class MotionConfig:
+    num_frames: int = 24
+    yaw_range: float = 30.0  # degrees, +- around the front view
+    pitch_range: float = 12.0
+    expressions: list[str] = field(default_factory=lambda: ["jaw_open", "smile", "brow_raise"])
+    seed: int = 7
+
+
+@dataclass
+class SynthConfig:
+    resolution: int = 128  # side of the aligned square portrait and of every frame
+    attributes: list[AttributeSpec] = field(default_factory=_default_attributes)
+    morph_alphas: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    motion: MotionConfig = field(default_factory=MotionConfig)
+    edit_backend: str = "classical"  # classical | instruct_pix2pix
+    animate_backend: str = "classical"  # classical | controlnet
+    morph_backend: str = "exact"  # exact | diffusion
+    edit_model: str = "timbrooks/instruct-pix2pix"
+    animate_model: str = "runwayml/stable-diffusion-v1-5"
+    controlnet_model: str = "CrucibleAI/ControlNetMediaPipeFace"
+    num_inference_steps: int = 20
+    guidance_scale: float = 7.5
+    image_guidance_scale: float = 1.5
+    seed: int = 0
+    batch_size: int = 4  # rows per actor call (integer: GPU stages need one)
+    actors_per_stage: int = 1
+    cpus_per_actor: float = 0.5  # fractional: whole-CPU actors starve the readers on 2 cores
+    gpus_per_actor: float = 0.0
+    max_image_pixels: int = 40_000_000  # decompression-bomb cap
+    max_input_side: int = 2048  # larger inputs are downscaled before detection
+
+
+@dataclass
+class AvatarConfig:
+    num_gaussians: int = 4000
+    feature_dim: int = 32  # per-Gaussian learned feature
+    code_dim: int = 8  # latent code size per attribute
+    hidden_dim: int = 64
+    hidden_layers: int = 2
+    pos_freqs: int = 4  # sin/cos frequencies of the canonical position encoding
+    init_radius: float = 0.12  # metres; ellipsoid the Gaussians start on
+    init_scale: float = 0.006
+
+
+@dataclass
+class RenderConfig:
+    backend: str = "auto"  # auto | gsplat | cpu | torch
+    width: int = 64
+    height: int = 64
+    fov_deg: float = 30.0
+    distance: float = 1.0  # camera distance from the head centre, metres
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    batch_size: int = 4  # frames per step
+    lr_gaussians: float = 3e-3
+    lr_decoder: float = 1e-3
+    lr_codes: float = 1e-2
+    lambda_ssim: float = 0.2
+    lambda_lpips: float = 0.0  # > 0 needs real LPIPS backbone weights (gpu preset)
+    lambda_identity: float = 0.0
+    lambda_latent: float = 1e-4
+    lambda_interp: float = 1.0
+    relocate_every: int = 100
+    checkpoint_every: int = 500
+    holdout_fraction: float = 0.1
+    seed: int = 0
+    log_every: int = 50
+
+
+@dataclass
+class ServeConfig:
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.01
+    max_avatars_per_replica: int = 4
+    max_side: int = 1024
+    min_side: int = 16
+    max_body_bytes: int = 65_536
+    num_gpus: float = 0.0
+
+
+@dataclass
+class Config:
+    preset: str = "cpu"
+    faces: FacesConfig = field(default_factory=FacesConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable short hash of every value: outputs made with another config are not reused."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_preset() -> str:
+    """``gpu`` when CUDA is usable, else ``cpu``. Imports torch lazily (config must stay cheap)."""
+    try:
+        import torch
+
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    preset = preset or default_preset()
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choices: {', '.join(PRESETS)}")
+    path = CONFIG_DIR / f"{preset}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data["preset"] = preset
+    for item in overrides:
+        _apply_override(data, item)
+    return from_dict(Config, data)
+
+
+def _apply_override(data: dict, item: str) -> None:
+    """``a.b.c=value``; the value is parsed as YAML (numbers, lists, booleans)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from plain data, checking every key and type on the way."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = path or "config"
+        raise ConfigError(f"unknown key {where}.{unknown[0]}; choices: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp)
+        return [_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {_coerce(key_tp, k, path): _coerce(val_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(option, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} fits none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
