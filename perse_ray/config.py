@@ -65,6 +65,7 @@ class FacesConfig:
     backend: str = "dlib"  # dlib | insightface
     detector: str = "hog"  # dlib: hog | cnn
     upsample: int = 1  # dlib detector upsampling passes
+    min_score: float = 0.25  # dlib: weaker detections are dropped (the astronaut's false one scores 0.12)
     model: str = "buffalo_l"  # insightface model pack name or local directory
     identity_model: str = ""  # insightface ArcFace ONNX path (overrides the pack's)
     min_face_fraction: float = 0.08  # face box side / short image side below this: "face too small"
@@ -113,8 +114,10 @@ class AvatarConfig:
     hidden_dim: int = 64
     hidden_layers: int = 2
     pos_freqs: int = 4  # sin/cos frequencies of the canonical position encoding
-    init_radius: float = 0.12  # metres; ellipsoid the Gaussians start on
-    init_scale: float = 0.006
+    init_radius: float = 0.1  # metres; the ellipsoid the Gaussians start on
+    init_scale: float = 0.008
+    backdrop: bool = True  # learn a camera-fixed 2D background (the 2D animator keeps it fixed)
+    backdrop_res: int = 32
 
 
 @dataclass
@@ -123,7 +126,7 @@ class RenderConfig:
     width: int = 64
     height: int = 64
     fov_deg: float = 30.0
-    distance: float = 1.0  # camera distance from the head centre, metres
+    distance: float = 0.65  # camera distance from the head centre, metres (a head fills ~2/3 of the view)
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
 
@@ -131,15 +134,23 @@ class RenderConfig:
 class TrainConfig:
     steps: int = 2000
     batch_size: int = 4  # frames per step
-    lr_gaussians: float = 3e-3
+    lr_means: float = 3e-4  # metres per step at the start
+    lr_scales: float = 5e-3
+    lr_quats: float = 2e-3
+    lr_opacity: float = 3e-2
+    lr_colors: float = 1e-2
+    lr_features: float = 5e-3
     lr_decoder: float = 1e-3
     lr_codes: float = 1e-2
+    lr_backdrop: float = 3e-2
+    lr_final_ratio: float = 0.1  # every learning rate decays exponentially to this fraction
     lambda_ssim: float = 0.2
     lambda_lpips: float = 0.0  # > 0 needs real LPIPS backbone weights (gpu preset)
     lambda_identity: float = 0.0
     lambda_latent: float = 1e-4
     lambda_interp: float = 1.0
     relocate_every: int = 100
+    dead_opacity: float = 0.005  # a Gaussian below this opacity for every recent latent is dead
     checkpoint_every: int = 500
     holdout_fraction: float = 0.1
     seed: int = 0
