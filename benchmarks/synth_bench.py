@@ -1,0 +1,132 @@
+"""Synthesis throughput with 1 vs 2 actors per model stage, measured in one run.
+
+    unshare -n sh -c 'ip link set lo up; OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_bench.py --json'
+
+Starts a local Ray (run it inside a private network namespace), builds a folder of real portraits
+(Grace Hopper and the astronaut, distinct crops so each is its own subject), and runs the whole
+graph (ingest → edit → animate → morph → id_filter) repeatedly, alternating 1 and 2 actors per
+stage. Throughput is steady-state frames/s: frames that arrived after the first output block,
+over the time from that block to the last (actor start-up and model loading excluded — they are
+reported apart). Prints JSON lines {"figure", "value", "unit", "config"}: medians over
+``--repeats``, the 2-vs-1 ratio, and busy seconds per stage (where the time goes). Tiny models
+produce noise: these are throughput figures, never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perse_ray.config import load_config  # noqa: E402
+from perse_ray.pipeline import frames_per_subject, local_num_cpus, run_pipeline  # noqa: E402
+from perse_ray.portraits import discover_subjects  # noqa: E402
+from perse_ray.synth.write import FramesWriter, OutputFolder  # noqa: E402
+
+
+def write_portraits(folder: Path, count: int) -> None:
+    """``count`` distinct real portraits: shifted crops of two public-domain/sample faces."""
+    import matplotlib
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True)
+    grace = np.asarray(Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"))
+    astronaut = data.astronaut()[:300, 40:420]  # without the suit patch dlib also calls a face
+    for i in range(count):
+        source = grace if i % 2 == 0 else astronaut
+        d = 4 * (i // 2)
+        Image.fromarray(source[d:, d:]).save(folder / f"portrait-{i:02d}.png")
+
+
+def run_once(cfg, candidates) -> dict:
+    start = time.perf_counter()
+    arrivals: list[tuple[float, int]] = []
+    with tempfile.TemporaryDirectory() as out:
+        # The real driver path (validation, parts, markers) so the figure is the job's throughput.
+        folder = OutputFolder(Path(out), cfg.hash())
+        folder.prepare()
+        writer = FramesWriter(folder, frames_per_subject(cfg), log=lambda _: None)
+        for block in run_pipeline(cfg, candidates):
+            writer.add_block(block)
+            n = sum(1 for k in block.column("kind").to_pylist() if k == "frame")
+            if n:
+                arrivals.append((time.perf_counter(), n))
+        failed = dict(writer.failed)
+        busy = dict(writer.seconds)
+    if failed or not arrivals:
+        raise RuntimeError(f"benchmark run failed: {failed or 'no frames'}")
+    (t0, n0), t_end = arrivals[0], arrivals[-1][0]
+    total = sum(n for _, n in arrivals)
+    return {"frames": total, "wall_s": t_end - start, "first_output_s": t0 - start,
+            "steady_fps": (total - n0) / max(t_end - t0, 1e-9), "busy_s": busy}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON lines only")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "cpu-smoke"])
+    p.add_argument("--subjects", type=int, default=6)
+    p.add_argument("--frames", type=int, default=8, help="motion frames per edit")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=2)
+    args = p.parse_args(argv)
+
+    import ray
+
+    if args.preset == "tiny":
+        from perse_ray.models.tiny import ensure_tiny_models
+
+        ensure_tiny_models()
+
+    base = [f"synth.motion.num_frames={args.frames}", f"synth.batch_size={args.batch_size}"]
+    configs = {n: load_config(args.preset, base + [f"synth.actors_per_stage={n}"]) for n in (1, 2)}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_portraits(Path(tmp) / "in", args.subjects)
+        candidates = discover_subjects(Path(tmp) / "in").candidates
+        ray.init(num_cpus=local_num_cpus(configs[2]), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        try:
+            results: dict[int, list[dict]] = {1: [], 2: []}
+            for rep in range(args.repeats):
+                for n in ((1, 2) if rep % 2 == 0 else (2, 1)):  # interleaved: drift hits both alike
+                    results[n].append(run_once(configs[n], candidates))
+                    if not args.json:
+                        r = results[n][-1]
+                        print(f"repeat {rep} actors {n}: {r['steady_fps']:.2f} frames/s steady, "
+                              f"{r['frames']} frames, wall {r['wall_s']:.1f} s", flush=True)
+        finally:
+            ray.shutdown()
+
+    conf = {"preset": args.preset, "subjects": args.subjects, "motion_frames": args.frames,
+            "frames_per_subject": frames_per_subject(configs[1]), "batch_size": args.batch_size,
+            "repeats": args.repeats, "cpus": os.cpu_count(), "device": "cpu"}
+    fps = {n: statistics.median(r["steady_fps"] for r in results[n]) for n in (1, 2)}
+    lines = [{"figure": f"synth_steady_frames_per_s_{n}_actor", "value": round(fps[n], 3), "unit": "frames/s",
+              "config": {**conf, "actors_per_stage": n}} for n in (1, 2)]
+    lines.append({"figure": "synth_speedup_2_vs_1_actors", "value": round(fps[2] / fps[1], 3), "unit": "ratio",
+                  "config": conf})
+    for n in (1, 2):
+        lines.append({"figure": f"synth_first_output_s_{n}_actor", "unit": "s",
+                      "value": round(statistics.median(r["first_output_s"] for r in results[n]), 2),
+                      "config": {**conf, "actors_per_stage": n}})
+        busy = {s: round(statistics.median(r["busy_s"].get(s, 0.0) for r in results[n]), 3)
+                for s in ("ingest", "edit", "animate", "morph", "id_filter")}
+        lines.append({"figure": f"synth_busy_s_per_stage_{n}_actor", "value": busy, "unit": "s (summed over actors)",
+                      "config": {**conf, "actors_per_stage": n}})
+    for line in lines:
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
