@@ -112,7 +112,7 @@ class AvatarConfig:
     feature_dim: int = 32  # per-Gaussian learned feature
     code_dim: int = 8  # latent code size per attribute
     hidden_dim: int = 64
-    hidden_layers: int = 2
+    hidden_layers: int = 1  # per branch; the gpu preset uses 2
     pos_freqs: int = 4  # sin/cos frequencies of the canonical position encoding
     init_radius: float = 0.1  # metres; the ellipsoid the Gaussians start on
     init_scale: float = 0.008

@@ -1,0 +1,95 @@
+"""The latent layout, as data: z = [z_exp, z_attr_1 … z_attr_A].
+
+z_exp holds the named expression values of the motion script (known, not learned). Each attribute
+owns a learned code per edit (edit 0 = the unedited source, fixed at zero); a slider value
+s ∈ [0, K−1] is the linear interpolation of the two adjacent edit codes, so sliders are continuous
+by construction and the interpolation loss can supervise the in-between values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class AttributeLayout:
+    name: str
+    edit_labels: list[str]  # edit_labels[0] is the source ("source")
+    code_dim: int
+
+    @property
+    def num_edits(self) -> int:
+        return len(self.edit_labels)
+
+
+@dataclass(frozen=True)
+class LatentLayout:
+    expressions: list[str]
+    attributes: list[AttributeLayout] = field(default_factory=list)
+
+    def __post_init__(self):
+        names = [a.name for a in self.attributes]
+        if len(set(names)) != len(names) or len(set(self.expressions)) != len(self.expressions):
+            raise ValueError(f"duplicate attribute or expression names: {names}, {self.expressions}")
+        for a in self.attributes:
+            if a.num_edits < 2 or a.code_dim < 1:
+                raise ValueError(f"attribute {a.name!r} needs >= 2 edits (source + 1) and code_dim >= 1")
+
+    @classmethod
+    def from_config(cls, synth_cfg, code_dim: int) -> "LatentLayout":
+        return cls(
+            expressions=list(synth_cfg.motion.expressions),
+            attributes=[AttributeLayout(a.name, ["source"] + [e.label for e in a.edits], code_dim)
+                        for a in synth_cfg.attributes],
+        )
+
+    @property
+    def exp_dim(self) -> int:
+        return len(self.expressions)
+
+    @property
+    def dim(self) -> int:
+        return self.exp_dim + sum(a.code_dim for a in self.attributes)
+
+    def slices(self) -> dict[str, slice]:
+        """Where each part lives in z: ``"expression"`` and one entry per attribute name."""
+        out = {"expression": slice(0, self.exp_dim)}
+        start = self.exp_dim
+        for a in self.attributes:
+            out[a.name] = slice(start, start + a.code_dim)
+            start += a.code_dim
+        return out
+
+    def attribute(self, name: str) -> AttributeLayout:
+        for a in self.attributes:
+            if a.name == name:
+                return a
+        raise KeyError(f"unknown attribute {name!r}; choices: {[a.name for a in self.attributes]}")
+
+    def check_values(self, attributes: dict[str, float], expression: dict[str, float]) -> None:
+        """Raise ``ValueError`` naming the field for unknown names or out-of-range values."""
+        by_name = {a.name: a for a in self.attributes}
+        for name, s in attributes.items():
+            if name not in by_name:
+                raise ValueError(f"attributes.{name}: unknown attribute; choices: {list(by_name)}")
+            if not (0.0 <= float(s) <= by_name[name].num_edits - 1):
+                raise ValueError(f"attributes.{name}: slider {s} outside [0, {by_name[name].num_edits - 1}]")
+        for name, v in expression.items():
+            if name not in self.expressions:
+                raise ValueError(f"expression.{name}: unknown expression; choices: {self.expressions}")
+            if not (-1.0 <= float(v) <= 2.0):
+                raise ValueError(f"expression.{name}: value {v} outside [-1, 2]")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LatentLayout":
+        return cls(expressions=[str(e) for e in data["expressions"]],
+                   attributes=[AttributeLayout(str(a["name"]), [str(x) for x in a["edit_labels"]],
+                                               int(a["code_dim"])) for a in data["attributes"]])
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatentLayout":
+        return cls.from_dict(json.loads(text))

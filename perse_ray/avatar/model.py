@@ -1,0 +1,186 @@
+"""A latent-conditioned 3D Gaussian avatar: canonical Gaussians + a per-branch decoder.
+
+Every Gaussian has canonical parameters and a learned feature. The decoder turns
+(feature, encoded canonical position, z) into deltas of position, rotation, scale, opacity and
+colour. It is a sum of branches — one for expression, one per attribute — each seeing only its own
+slice of z: moving one attribute's slider can only act through that attribute's branch, which is
+the architectural half of disentanglement (the data, where each video edits one attribute, is the
+other half). The number of Gaussians is fixed (DDP never sees changing shapes); dead ones are
+relocated onto live ones (see ``relocate.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from perse_ray.avatar.layout import LatentLayout
+from perse_ray.config import AvatarConfig
+
+# Output channels of every branch and the scale of one unit of output (so the decoder's
+# initial learning rate moves each quantity by a sensible amount).
+DELTA_CHANNELS = {"mean": 3, "quat": 4, "scale": 3, "opacity": 1, "color": 3}
+DELTA_UNITS = {"mean": 0.02, "quat": 0.2, "scale": 0.5, "opacity": 2.0, "color": 2.0}
+POSITION_SCALE = 0.25  # metres that map to 1 in the position encoding (a head is ~0.2 m)
+
+
+def positional_encoding(x: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """[..., 3] → [..., 3 + 6·num_freqs]: x and sin/cos at octave frequencies."""
+    freqs = (2.0 ** torch.arange(num_freqs, dtype=x.dtype, device=x.device)) * math.pi
+    angles = x[..., None] * freqs  # [..., 3, F]
+    return torch.cat([x, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+
+def ellipsoid_points(n: int, radii: tuple[float, float, float], generator: torch.Generator) -> torch.Tensor:
+    """``n`` points spread evenly (Fibonacci sphere) on an ellipsoid, jittered slightly inward."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    phi = torch.acos(1 - 2 * i / n)
+    theta = math.pi * (1 + 5 ** 0.5) * i
+    unit = torch.stack([torch.sin(phi) * torch.cos(theta), torch.cos(phi), torch.sin(phi) * torch.sin(theta)], -1)
+    depth = 1 - 0.15 * torch.rand(n, 1, generator=generator, dtype=torch.float64)
+    return (unit * depth * torch.tensor(radii, dtype=torch.float64)).float()
+
+
+class BranchDecoder(nn.Module):
+    """Sum of small MLPs, one per latent branch, evaluated once per distinct branch input.
+
+    Within a batch most frames share most attribute codes (a frame edits one attribute), so each
+    branch runs on the unique rows of its z-slice only and is gathered back: the cost grows with
+    the number of distinct codes, not with the batch size.
+    """
+
+    def __init__(self, gauss_dim: int, branch_dims: list[int], hidden: int, layers: int):
+        super().__init__()
+        nb, zmax = len(branch_dims), max(branch_dims)
+        self.branch_dims = list(branch_dims)
+        out = sum(DELTA_CHANNELS.values())
+
+        def init(*shape, fan_in):
+            return nn.Parameter(torch.randn(*shape) * (2.0 / fan_in) ** 0.5)
+
+        self.w_gauss = init(nb, gauss_dim, hidden, fan_in=gauss_dim + zmax)
+        self.w_z = init(nb, zmax, hidden, fan_in=gauss_dim + zmax)
+        self.b_in = nn.Parameter(torch.zeros(nb, hidden))
+        self.w_hidden = nn.ParameterList([init(nb, hidden, hidden, fan_in=hidden) for _ in range(layers - 1)])
+        self.b_hidden = nn.ParameterList([nn.Parameter(torch.zeros(nb, hidden)) for _ in range(layers - 1)])
+        # Zero output layer: the untrained avatar is exactly its canonical Gaussians.
+        self.w_out = nn.Parameter(torch.zeros(nb, hidden, out))
+        self.b_out = nn.Parameter(torch.zeros(nb, out))
+
+    def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor]) -> torch.Tensor:
+        """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out]."""
+        nb, g_dim, hidden = self.w_gauss.shape
+        # Every branch's per-Gaussian input projection in one matrix product: [N, nb, H].
+        g_all = (gauss_in @ self.w_gauss.permute(1, 0, 2).reshape(g_dim, nb * hidden)).view(-1, nb, hidden)
+        total = None
+        for b, z in enumerate(z_branches):
+            uniq, inverse = torch.unique(z.detach(), dim=0, return_inverse=True)
+            first = torch.full((uniq.shape[0],), z.shape[0], dtype=torch.long, device=z.device)
+            first = first.scatter_reduce(0, inverse, torch.arange(z.shape[0], device=z.device), "amin")
+            zu = z[first]  # differentiable representatives of the distinct rows
+            h = g_all[:, b][None] + (zu @ self.w_z[b, : z.shape[1]] + self.b_in[b])[:, None]  # [U, N, H]
+            h = nn.functional.silu(h)
+            for w, bias in zip(self.w_hidden, self.b_hidden):
+                h = nn.functional.silu(h @ w[b] + bias[b])
+            out = (h @ self.w_out[b] + self.b_out[b])[inverse]  # [B, N, out]
+            total = out if total is None else total + out
+        return total
+
+
+class AvatarModel(nn.Module):
+    def __init__(self, layout: LatentLayout, cfg: AvatarConfig, seed: int = 0):
+        super().__init__()
+        self.layout, self.cfg = layout, cfg
+        gen = torch.Generator().manual_seed(seed)
+        n = cfg.num_gaussians
+        r = cfg.init_radius
+        self.means = nn.Parameter(ellipsoid_points(n, (r, 1.25 * r, r), gen))
+        self.log_scales = nn.Parameter(torch.full((n, 3), math.log(cfg.init_scale)))
+        quats = torch.randn(n, 4, generator=gen)
+        self.quats = nn.Parameter(quats / quats.norm(dim=-1, keepdim=True))
+        self.opacity_logits = nn.Parameter(torch.full((n,), math.log(0.5 / 0.5)))
+        self.color_logits = nn.Parameter(torch.zeros(n, 3))
+        self.features = nn.Parameter(0.1 * torch.randn(n, cfg.feature_dim, generator=gen))
+        # Learned codes of edits 1..K-1 per attribute; edit 0 (the source) is the zero code.
+        self.codes = nn.ParameterDict({
+            a.name: nn.Parameter(0.1 * torch.randn(a.num_edits - 1, a.code_dim, generator=gen))
+            for a in layout.attributes})
+        gauss_dim = cfg.feature_dim + 3 + 6 * cfg.pos_freqs
+        branch_dims = [max(layout.exp_dim, 1)] + [a.code_dim for a in layout.attributes]
+        self.decoder = BranchDecoder(gauss_dim, branch_dims, cfg.hidden_dim, cfg.hidden_layers)
+        # Learned screen-space backdrop: the 2D animator keeps the photo's background fixed to the
+        # camera, so it is not part of the 3D head. Stored as logits, bilinearly resized on render.
+        self.backdrop = nn.Parameter(torch.zeros(3, cfg.backdrop_res, cfg.backdrop_res)) if cfg.backdrop else None
+
+    # ----------------------------------------------------------------- latents
+
+    def code_table(self, name: str) -> torch.Tensor:
+        """[K, code_dim] codes of attribute ``name``, row 0 = the source (zeros)."""
+        codes = self.codes[name]
+        return torch.cat([codes.new_zeros(1, codes.shape[1]), codes], dim=0)
+
+    def compose(self, expression: torch.Tensor, selections: torch.Tensor) -> torch.Tensor:
+        """Latents for a batch of frames.
+
+        expression [B, E]; selections [B, A, 3] = (from_edit, to_edit, alpha) per attribute, so
+        an attribute's code is lerp(code[from], code[to], alpha) — an edited frame is (k, k, 0)
+        and a slider value s is (floor s, ceil s, frac s).
+        """
+        parts = [expression]
+        for i, a in enumerate(self.layout.attributes):
+            table = self.code_table(a.name)
+            lo, hi = selections[:, i, 0].long(), selections[:, i, 1].long()
+            alpha = selections[:, i, 2:3].to(table.dtype)
+            parts.append(table[lo] * (1 - alpha) + table[hi] * alpha)
+        return torch.cat(parts, dim=-1)
+
+    def slider_selection(self, attributes: dict[str, float]) -> torch.Tensor:
+        """[A, 3] selection for slider values (missing attributes stay at the source)."""
+        rows = []
+        for a in self.layout.attributes:
+            s = float(attributes.get(a.name, 0.0))
+            lo = min(int(math.floor(s)), a.num_edits - 1)
+            hi = min(lo + 1, a.num_edits - 1)
+            rows.append([lo, hi, s - lo])
+        return torch.tensor(rows, dtype=torch.float32).reshape(len(self.layout.attributes), 3)
+
+    # ----------------------------------------------------------------- decoding
+
+    def gaussians(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Decode latents z [B, dim] into activated Gaussians, each [B, N, ...]."""
+        slices = self.layout.slices()
+        branches = [z[:, slices["expression"]] if self.layout.exp_dim else z.new_zeros(z.shape[0], 1)]
+        branches += [z[:, slices[a.name]] for a in self.layout.attributes]
+        pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
+        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches)
+        d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
+        return {
+            "means": self.means + DELTA_UNITS["mean"] * d["mean"],
+            "quats": self.quats + DELTA_UNITS["quat"] * d["quat"],
+            "scales": torch.exp(self.log_scales + DELTA_UNITS["scale"] * d["scale"]),
+            "opacities": torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0]),
+            "colors": torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"]),
+        }
+
+    def render(self, z: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *,
+               background: torch.Tensor | None = None, backend: str = "auto"):
+        """z [B, dim], viewmats [B, C, 4, 4], Ks [B, C, 3, 3] → (rgb [B, C, H, W, 3], alpha, gaussians).
+
+        ``background`` [3] replaces the learned backdrop (e.g. a plain colour for serving).
+        """
+        from perse_ray.render import rasterize
+
+        g = self.gaussians(z)
+        rgb, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
+                                  viewmats, Ks, width, height, backend=backend)
+        if background is not None:
+            back = background.to(rgb).reshape(1, 1, 1, 1, 3)
+        elif self.backdrop is not None:
+            back = torch.sigmoid(nn.functional.interpolate(self.backdrop[None], size=(height, width),
+                                                           mode="bilinear", align_corners=False))
+            back = back[0].permute(1, 2, 0)[None, None]
+        else:
+            back = rgb.new_ones(1, 1, 1, 1, 3)
+        return rgb + (1 - alpha) * back, alpha, g
