@@ -1,0 +1,1 @@
+"""The Ray Serve render application (``serve.app``) and its gRPC definitions (``render.proto``)."""
