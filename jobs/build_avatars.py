@@ -1,0 +1,132 @@
+"""Portrait folder → trained, registered, evaluated avatars and an HTML report, on Ray.
+
+    python jobs/build_avatars.py --input examples/portraits --output out/demo [--preset cpu]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/build_avatars.py --input /abs/portraits --output /abs/out
+
+Stages: synthesize (<output>/synth: aligned portraits, edits, animations, morphs, identity
+filter) → train one avatar per subject (<output>/avatars, the registry Serve reads) → evaluate
+(<output>/eval) → report (<output>/report/index.html). Every stage skips finished work, so a
+re-run with the same input, output and config does nothing new and a killed run resumes; new
+portraits added to the folder are processed alone. Connects to RAY_ADDRESS (or the job's
+cluster under `ray job submit`) when set, else starts a local Ray. Exit 0 when every subject
+finished or was quarantined/failed with a reason; 1 on a job-level error; 2 for unusable
+arguments (checked before Ray starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from perse_ray.config import ConfigError, load_config  # noqa: E402
+from perse_ray.models import ModelNotFoundError  # noqa: E402
+from perse_ray.pipeline import resolve_models  # noqa: E402
+from perse_ray.portraits import InputError, discover_subjects  # noqa: E402
+from perse_ray.registry import validate_subject_id  # noqa: E402
+from perse_ray.synth.write import OutputError, check_output_dir  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="build_avatars.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
+    p.add_argument("--output", required=True, help="output folder (created; use absolute paths on a cluster)")
+    p.add_argument("--workers-per-subject", type=int, default=1, metavar="K",
+                   help="Ray Train workers (DDP ranks) per subject (default 1)")
+    p.add_argument("--subjects", default=None, metavar="ID,ID,...",
+                   help="train only these subjects (default: all that synthesize)")
+    add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.set)
+        output = Path(args.output).expanduser().resolve()
+        synth_dir = check_output_dir(output / "synth", args.input)
+        discovery = discover_subjects(args.input)
+        resolve_models(cfg)
+        subjects = [validate_subject_id(s.strip()) for s in args.subjects.split(",")] if args.subjects else None
+        if args.workers_per_subject < 1:
+            raise ValueError("--workers-per-subject must be >= 1")
+    except (ConfigError, InputError, OutputError, ModelNotFoundError, ValueError) as e:
+        return fail(e, 2)
+    print(f"{len(discovery.candidates)} portrait subject(s), {len(discovery.quarantined)} input(s) quarantined at "
+          f"discovery; preset {cfg.preset}, config {cfg.hash()}", flush=True)
+
+    from perse_ray.evaluate import evaluate_registry
+    from perse_ray.pipeline import synthesize
+    from perse_ray.train.distributed import train_subjects
+
+    seconds = {}
+    with connect_ray():
+        t = time.perf_counter()
+        try:
+            synthesize(cfg, discovery, synth_dir, log=lambda line: print(f"[synth] {line}", flush=True))
+        except (OutputError, RuntimeError) as e:
+            return fail(e, 1)
+        seconds["synthesize"] = time.perf_counter() - t
+        t = time.perf_counter()
+        try:
+            results = train_subjects(synth_dir / "frames", output, cfg, args.workers_per_subject, subjects,
+                                     log=lambda line: print(f"[train] {line}", flush=True))
+        except RuntimeError as e:
+            return fail(e, 1)
+        seconds["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    figures = evaluate_registry(output / "avatars", synth_dir / "frames", output / "eval",
+                                log=lambda line: print(line, flush=True))
+    seconds["evaluate"] = time.perf_counter() - t
+    t = time.perf_counter()
+    index = write_build_report(output, synth_dir, results, figures)
+    seconds["report"] = time.perf_counter() - t
+
+    from jobs.train import table
+
+    print(table(results))
+    print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    print(f"report: {index}")
+    print(f"serve it: PERSE_REGISTRY={output / 'avatars'} serve run serve/config.yaml")
+    return 0 if all(r.status in ("done", "skipped") or r.reason for r in results) else 1
+
+
+def write_build_report(output: Path, synth_dir: Path, results, figures) -> Path:
+    """Gather subjects, frames, avatars and figures into the HTML report."""
+    import pyarrow.parquet as pq
+
+    from perse_ray.evaluate import read_partition
+    from perse_ray.registry import Registry, RegistryError
+    from perse_ray.report import SubjectReport, write_report
+    from perse_ray.schema import rows_from_table
+
+    registry = Registry(output / "avatars")
+    trained = {r.subject_id: r for r in results}
+    reports = []
+    for row in rows_from_table(pq.read_table(synth_dir / "subjects.parquet")):
+        sid = row["subject_id"]
+        if row["status"] != "ok":
+            reports.append(SubjectReport(sid, "quarantined", row["reason"] or "", row["source_path"]))
+            continue
+        frames, _ = read_partition(synth_dir / "frames", sid)
+        result = trained.get(sid)
+        rep = SubjectReport(sid, result.status if result else "not trained", result.reason if result else "",
+                            row["source_path"], row["portrait_png"], frames, figures=figures.get(sid, {}))
+        try:
+            entry = registry.get(sid)
+            rep.avatar, rep.version = registry.load(sid), entry.version
+        except RegistryError:
+            pass
+        reports.append(rep)
+    return write_report(output / "report", reports)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Train one avatar per subject of a synthesis output on Ray (PERSE's 3D half).
+
+    python jobs/train.py --frames synth/ --output out/ --preset cpu --workers-per-subject 2
+
+Reads --frames/frames/subject_id=<id>/ as jobs/synthesize.py writes it (complete partitions only,
+kept frames only). A Ray Tune grid runs the subjects side by side; each subject trains with Ray
+Train DDP over --workers-per-subject workers (one worker: the loop runs in the trial itself).
+Avatars go to --output/avatars (the registry), Ray's run state (checkpoints, Tune's experiment)
+to --output/ray_train. Re-running the same command skips subjects already in the registry for
+this config and resumes unfinished ones from their last checkpoint. Connects to RAY_ADDRESS when
+set, else starts a local Ray. Exit 0 when every subject trained, was skipped, or failed with a
+reason (e.g. all its frames dropped); 1 on a job-level error; 2 for unusable arguments (checked
+before Ray starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from perse_ray.config import ConfigError, load_config  # noqa: E402
+from perse_ray.registry import validate_subject_id  # noqa: E402
+from perse_ray.train.data import FramesError, frames_dir  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", required=True, help="output folder of jobs/synthesize.py (or its frames/ folder)")
+    p.add_argument("--output", required=True, help="folder for avatars/ (the registry) and ray_train/ (created)")
+    p.add_argument("--workers-per-subject", type=int, default=1, metavar="K",
+                   help="Ray Train workers (DDP ranks) per subject (default 1)")
+    p.add_argument("--subjects", default=None, metavar="ID,ID,...",
+                   help="train only these subjects (default: every subject with frames)")
+    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
+                   help="subjects training at once (default: as many as the cluster's CPUs hold)")
+    p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
+                   help="logical CPUs each training process reserves (default 0.5)")
+    p.add_argument("--max-failures", type=int, default=2, metavar="N",
+                   help="restarts per subject after a worker or trial process dies (default 2)")
+    add_config_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.preset, args.set)
+        frames_dir(args.frames)
+        subjects = [validate_subject_id(s.strip()) for s in args.subjects.split(",")] if args.subjects else None
+        output = Path(args.output).expanduser().resolve()
+        if output.exists() and not output.is_dir():
+            raise ValueError(f"output {output} exists and is not a folder")
+        if args.workers_per_subject < 1 or args.cpus_per_worker <= 0 or (args.max_concurrent or 1) < 1:
+            raise ValueError("--workers-per-subject, --cpus-per-worker and --max-concurrent must be positive")
+    except (ConfigError, FramesError, ValueError) as e:
+        return fail(e, 2)
+    print(f"preset {cfg.preset}, config {cfg.hash()}, {args.workers_per_subject} worker(s) per subject, "
+          f"{cfg.train.steps} steps", flush=True)
+
+    from perse_ray.train.distributed import train_subjects
+
+    with connect_ray():
+        try:
+            results = train_subjects(args.frames, output, cfg, args.workers_per_subject, subjects,
+                                     max_failures=args.max_failures, max_concurrent=args.max_concurrent,
+                                     cpus_per_worker=args.cpus_per_worker, log=lambda line: print(line, flush=True))
+        except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
+            return fail(e, 1)
+    print(table(results))
+    return 0 if all(r.status in ("done", "skipped") or r.reason for r in results) else 1
+
+
+def table(results) -> str:
+    def num(value: float, fmt: str) -> str:
+        return "-" if value is None or math.isnan(value) else format(value, fmt)
+
+    header = f"{'subject':<24} {'status':<8} {'steps':>6} {'seconds':>8} {'final loss':>10} {'held-out PSNR':>13}  note"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        note = r.reason or (f"{r.version}, resumed from step {r.resumed_from}" if r.resumed_from else r.version)
+        lines.append(f"{r.subject_id:<24} {r.status:<8} {r.steps:>6} {num(r.seconds, '.1f'):>8} "
+                     f"{num(r.final_loss, '.4f'):>10} {num(r.heldout_psnr, '.2f'):>13}  {note}")
+    done = sum(r.status == "done" for r in results)
+    skipped = sum(r.status == "skipped" for r in results)
+    lines.append(f"{done} trained, {skipped} skipped (already in the registry), {len(results) - done - skipped} failed")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""Train many subjects on Ray (the package's only Ray Train/Tune code).
+
+    results = train_subjects("synth/", "out/", load_config("cpu"), workers_per_subject=2)
+
+A Tune grid over subjects; each trial trains one subject. With ``workers_per_subject > 1`` the
+trial runs a Ray Train ``TorchTrainer``: DDP over gloo, each rank training its own slice of every
+step's batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts resuming from the last
+one. With one worker the trial runs the loop itself, which saves starting a worker group; the
+loop's own checkpoints then give the same resume. Under ``output``:
+
+    avatars/                               the registry: safetensors + JSON + manifest only
+    ray_train/<config hash>/<subject>/     an unfinished subject's checkpoints; a re-run resumes
+                                           from them (removed once the avatar is in the registry)
+    ray_train/<config hash>/_tune-<time>/  Tune's experiment state (its pickles)
+
+Subjects already in the registry for the config are skipped before any trainer is built. A
+subject that cannot train (frames all dropped or unreadable, an error after the retries) is
+reported failed with its reason while the others finish. Each trial puts its avatar into the
+registry as soon as it is trained, so a killed job loses only unfinished work. Trials and workers
+run wherever Ray places them: ``frames_root`` and ``output`` must be storage every node sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+
+from perse_ray.avatar.io import Avatar, load_avatar, save_avatar
+from perse_ray.config import Config, from_dict
+from perse_ray.registry import Registry
+from perse_ray.train.data import discover, read_frames
+from perse_ray.train.loop import CHECKPOINT_PREFIX, TRAINER_FILE, DataParallel, latest_checkpoint, train_avatar
+
+TRIAL_CPU = 0.01  # a trial that only drives a TorchTrainer (Tune rejects 0)
+LOOP_CHECKPOINTS = "loop"  # one-worker subjects: the loop's checkpoints, in the subject's run folder
+REASON_CHARS = 500
+
+
+@dataclasses.dataclass
+class SubjectResult:
+    subject_id: str
+    status: str  # done | skipped (already in the registry) | failed
+    reason: str = ""
+    version: str = ""  # registry version (done, skipped)
+    steps: int = 0
+    seconds: float = 0.0  # wall time of the subject's trial in this run
+    final_loss: float = math.nan
+    heldout_psnr: float = math.nan  # on motion-script frames the training never saw
+    resumed_from: int = 0  # checkpoint step the training continued from (0: from scratch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every trial needs (Tune ships it to the trials)."""
+
+    output: Path
+    run_root: Path
+    config: Config
+    workers: int
+    cpus_per_worker: float
+    max_failures: int
+    partitions: dict[str, str]
+
+
+def train_subjects(frames_root: str | Path, output: str | Path, config: Config, workers_per_subject: int = 1,
+                   subjects: list[str] | None = None, *, max_failures: int = 2, max_concurrent: int | None = None,
+                   cpus_per_worker: float = 0.5, log: Callable[[str], Any] = print) -> list[SubjectResult]:
+    """Train every subject of a synthesis output (or just ``subjects``) that is not yet in
+    ``<output>/avatars`` for ``config``; one result per subject, sorted. Ray must be up.
+
+    ``max_failures``: restarts per subject after a worker or trial process dies.
+    ``max_concurrent``: subjects at once (default: as many as the cluster's CPUs hold).
+    ``cpus_per_worker``: logical CPUs per training process (fractional: whole CPUs starve a 2-core box).
+    """
+    if workers_per_subject < 1:
+        raise ValueError(f"workers_per_subject must be >= 1, got {workers_per_subject}")
+    if config.train.steps < 1:
+        raise ValueError("train.steps must be >= 1")
+    output = Path(output).expanduser().resolve()
+    # one scan of the registry (newest version last), not one per subject
+    trained = {(e.subject_id, e.config_hash): e for e in Registry(output / "avatars").list()}
+    results: dict[str, SubjectResult] = {}
+    todo: dict[str, str] = {}
+    for found in discover(frames_root, subjects):
+        sid = found.subject_id
+        entry = trained.get((sid, config.hash()))
+        if not found.trainable:
+            results[sid] = SubjectResult(sid, "failed", found.problem)
+            log(f"[failed] {sid}: {found.problem}")
+        elif entry is not None:
+            m = entry.metrics
+            results[sid] = SubjectResult(sid, "skipped", f"already trained for config {config.hash()}", entry.version,
+                                         int(m.get("steps", 0)), 0.0, m.get("final_loss", math.nan),
+                                         m.get("heldout_psnr", math.nan))
+            log(f"[skip] {sid}: in the registry as {entry.version} for config {config.hash()}")
+        else:
+            todo[sid] = str(found.partition)
+    if todo:
+        job = _Job(output, output / "ray_train" / config.hash(), config, workers_per_subject, cpus_per_worker,
+                   max_failures, todo)
+        results.update((r.subject_id, r) for r in _run_grid(job, max_concurrent, log))
+    return [results[sid] for sid in sorted(results)]
+
+
+def _run_grid(job: _Job, max_concurrent: int | None, log) -> list[SubjectResult]:
+    direct = job.workers == 1
+    need = job.workers * job.cpus_per_worker + (0.0 if direct else TRIAL_CPU)
+    cpus = ray.cluster_resources().get("CPU", 0.0)
+    if need > cpus:  # Tune would wait forever for a placement that can never happen
+        raise RuntimeError(f"one subject needs {need:g} CPUs ({job.workers} worker(s) x {job.cpus_per_worker:g}) "
+                           f"but the cluster has {cpus:g}: use fewer workers per subject or fewer CPUs per worker")
+    concurrency = max_concurrent or max(1, int(cpus / need + 1e-9))
+    log(f"training {len(job.partitions)} subject(s), {job.workers} worker(s) each, up to {concurrency} at once; "
+        f"run state in {job.run_root}")
+    trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job),
+                                    {"cpu": job.cpus_per_worker if direct else TRIAL_CPU})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"subject_id": tune.grid_search(sorted(job.partitions))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
+                                    trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name=f"_tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(job.run_root),
+                                  failure_config=tune.FailureConfig(max_failures=job.max_failures),
+                                  callbacks=[_Progress(job.config.train.steps, log)], verbose=0))
+    out = []
+    for result in tuner.fit():
+        sid = result.config["subject_id"]
+        if result.error is not None:
+            out.append(SubjectResult(sid, "failed", _reason(result.error)))
+        else:
+            out.append(_subject_result(sid, result.metrics))
+    return out
+
+
+def _trial_name(trial) -> str:
+    return trial.config["subject_id"]
+
+
+def _subject_result(sid: str, m: dict) -> SubjectResult:
+    if m.get("status") != "done":
+        return SubjectResult(sid, "failed", m.get("reason") or "the trial ended without a result",
+                             seconds=m.get("seconds", 0.0))
+    return SubjectResult(sid, "done", "", m["version"], int(m["steps"]), m["seconds"], m["final_loss"],
+                         m.get("heldout_psnr", math.nan), int(m["resumed_from"]))
+
+
+def _reason(error: BaseException) -> str:
+    """The exception's type and its last message line (a worker's traceback ends with the cause)."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"[:REASON_CHARS]
+
+
+def _subject_trial(params: dict, job: _Job) -> dict:
+    """One Tune trial: train one subject, put its avatar into the registry; the final result says how it went."""
+    sid, start = params["subject_id"], time.perf_counter()
+    try:
+        avatar, metrics = (_train_in_trial if job.workers == 1 else _train_with_ray_train)(job, sid)
+        entry = Registry(job.output / "avatars").put(sid, avatar)
+        shutil.rmtree(job.run_root / sid, ignore_errors=True)  # a re-run skips it now: checkpoints are spent
+    except Exception as e:  # this subject fails with its reason; the grid goes on
+        return {"status": "failed", "reason": _reason(e), "seconds": time.perf_counter() - start}
+    return {**metrics, "status": "done", "version": entry.version, "seconds": time.perf_counter() - start}
+
+
+def _train_in_trial(job: _Job, sid: str) -> tuple[Avatar, dict]:
+    """One worker: the loop in the trial process; a retried trial or a re-run resumes from its checkpoints."""
+    ckpt_dir = job.run_root / sid / LOOP_CHECKPOINTS
+    latest = latest_checkpoint(ckpt_dir)
+    resumed_from = _step_of(latest) if latest else 0
+    result = train_avatar(read_frames(job.partitions[sid]), job.config, ckpt_dir, progress=False, subject_id=sid,
+                          on_log=lambda record, _: tune.report(dict(record)))
+    return result.avatar, {**result.metrics, "resumed_from": resumed_from}
+
+
+def _train_with_ray_train(job: _Job, sid: str) -> tuple[Avatar, dict]:
+    """Several workers: a TorchTrainer (DDP) whose run, named after the subject, resumes on a re-run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={"subject_id": sid, "partition": job.partitions[sid], "config": job.config.to_dict()},
+        torch_config=TorchConfig(backend="gloo"),  # the loop trains on CPU tensors
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=False,
+                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        run_config=RunConfig(
+            name=sid, storage_path=str(job.run_root), checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # worker-group start timeouts count as controller failures: bound them too
+            failure_config=FailureConfig(max_failures=job.max_failures, controller_failure_limit=job.max_failures),
+            callbacks=[TuneReportCallback()]))
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as path:
+        avatar = load_avatar(Path(path) / "avatar")
+    return avatar, dict(result.metrics)
+
+
+def _worker_loop(loop_config: dict) -> None:
+    """One DDP rank: restore the last reported checkpoint, train, report at every checkpoint (rank 0
+    with it, the others without), then the final avatar with its metrics. Reports only go out with
+    checkpoints: Train synchronises the ranks at each one, and a report arriving before the
+    controller has collected the previous one waits for its next poll (1-2 s here)."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    config = from_dict(Config, loop_config["config"])
+    sid = loop_config["subject_id"]
+    scratch = Path(tempfile.mkdtemp(prefix=f"perse-train-{sid}-"))
+    try:
+        resumed_from = _restore(ray.train.get_checkpoint(), scratch)
+        last: dict[str, float] = {}
+
+        def on_checkpoint(path: Path | None, step: int) -> None:
+            if step < config.train.steps:  # the last one goes out below, with the metrics
+                ray.train.report(dict(last) if last.get("step") == step else {"step": step},
+                                 checkpoint=None if path is None else ray.train.Checkpoint.from_directory(path))
+
+        result = train_avatar(read_frames(loop_config["partition"]), config, scratch, progress=False, subject_id=sid,
+                              on_log=lambda record, _: last.update(record), on_checkpoint=on_checkpoint,
+                              parallel=DataParallel(rank, ctx.get_world_size()))
+        final = None
+        if rank == 0:
+            final = latest_checkpoint(scratch)  # the last step's: a resume from it just re-evaluates
+            save_avatar(result.avatar, final / "avatar")  # the same weights, now carrying the metrics
+        ray.train.report({**result.metrics, "resumed_from": resumed_from},
+                         checkpoint=None if final is None else ray.train.Checkpoint.from_directory(final))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _restore(checkpoint, scratch: Path) -> int:
+    """Copy a reported checkpoint where the loop resumes from; its step (0: none)."""
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as path:
+        step = _step_of(Path(path))
+        shutil.copytree(path, scratch / f"{CHECKPOINT_PREFIX}{step:08d}")
+    return step
+
+
+def _step_of(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / TRAINER_FILE).read_text())["step"])
+
+
+class _Progress(tune.Callback):
+    """A line per reported step (log steps with one worker, checkpoints with several), retry and
+    end of each subject (runs in the driver)."""
+
+    def __init__(self, steps: int, log: Callable[[str], Any]):
+        self.steps, self.log = steps, log
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        sid = trial.config["subject_id"]
+        if result.get("status") == "done":
+            resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
+            self.log(f"[done] {sid}: {result['version']}, {int(result['steps'])} steps in {result['seconds']:.1f} s, "
+                     f"held-out PSNR {result.get('heldout_psnr', math.nan):.2f} dB{resumed}")
+        elif result.get("status") == "failed":
+            self.log(f"[failed] {sid}: {result['reason']}")
+        elif "step" in result:
+            losses = f", loss {result['loss']:.4f}, batch PSNR {result['psnr']:.2f} dB" if "loss" in result else ""
+            self.log(f"[train] {sid}: step {int(result['step'])}/{self.steps}{losses}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.log(f"[retry] {trial.config['subject_id']}: the trial process died; restarting from its last checkpoint")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.log(f"[failed] {trial.config['subject_id']}: the trial process died more often than max_failures")
