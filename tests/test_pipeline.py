@@ -219,7 +219,8 @@ def test_resources_and_model_checks():
     with pytest.raises(RuntimeError, match="10 synthesis actors need 5 CPU"):
         check_resources(cfg, {"CPU": 4.0})
     check_resources(cfg, {"CPU": 5.0})
-    assert frames_per_subject(load_config("cpu")) == 24 * (1 + 6 + 6 * 2)
+    cpu = load_config("cpu")  # 3 attributes × 2 edits, 2 morph alphas per adjacent pair
+    assert frames_per_subject(cpu) == cpu.synth.motion.num_frames * (1 + 6 + 6 * 2)
     assert resolve_models(load_config("cpu")).synth.edit_model == "timbrooks/instruct-pix2pix"  # unused: untouched
     with pytest.raises(ModelNotFoundError, match="/missing/ip2p"):
         resolve_models(load_config("gpu", ["synth.edit_model=/missing/ip2p"]))
