@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from jobs.common import add_config_arguments, connect_ray, fail, training_table  # noqa: E402
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import resolve_models  # noqa: E402
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     index = write_build_report(output, synth_dir, results, figures)
     seconds["report"] = time.perf_counter() - t
 
-    from jobs.train import table
-
-    print(table(results))
+    print(training_table(results))
     print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     print(f"report: {index}")
     print(f"serve it: PERSE_REGISTRY={output / 'avatars'} serve run serve/config.yaml")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perse_ray.config import PRESETS, ConfigError, load_config  # noqa: E402
+from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import local_num_cpus, resolve_models, synthesize  # noqa: E402
 from perse_ray.portraits import InputError, discover_subjects  # noqa: E402
@@ -34,10 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; must not be inside --input)")
-    p.add_argument("--preset", choices=PRESETS, default=None,
-                   help="config preset (default: gpu when CUDA is usable, else cpu)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override, e.g. synth.motion.num_frames=8 (repeatable; values are YAML)")
+    add_config_arguments(p)
     return p.parse_args(argv)
 
 
@@ -49,25 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         discovery = discover_subjects(args.input)
         resolve_models(cfg)
     except (ConfigError, InputError, OutputError, ModelNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e, 2)
     print(f"{len(discovery.candidates)} subject(s) to synthesize, {len(discovery.quarantined)} input(s) "
           f"quarantined at discovery; preset {cfg.preset}, config {cfg.hash()}", flush=True)
 
-    import ray
-
-    env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)  # ray.init reads RAY_ADDRESS itself
-    else:
-        ray.init(num_cpus=local_num_cpus(cfg), include_dashboard=False, runtime_env=env)
-    try:
-        summary = synthesize(cfg, discovery, output)
-    except (OutputError, RuntimeError) as e:  # output in use; actor pools that cannot fit the cluster
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+    with connect_ray(local_num_cpus(cfg), include_dashboard=False):
+        try:
+            summary = synthesize(cfg, discovery, output)
+        except (OutputError, RuntimeError) as e:  # output in use; actor pools that cannot fit the cluster
+            return fail(e, 1)
     print(json.dumps({k: summary[k] for k in ("subjects", "reasons", "frames", "seconds_per_stage",
                                                "wall_seconds")}, indent=1))
     rows = pq.read_table(output / "subjects.parquet", columns=["status", "reason"]).to_pylist()

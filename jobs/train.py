@@ -16,13 +16,12 @@ before Ray starts).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from jobs.common import add_config_arguments, connect_ray, fail, training_table  # noqa: E402
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.registry import validate_subject_id  # noqa: E402
 from perse_ray.train.data import FramesError, frames_dir  # noqa: E402
@@ -72,24 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                                      cpus_per_worker=args.cpus_per_worker, log=lambda line: print(line, flush=True))
         except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
             return fail(e, 1)
-    print(table(results))
+    print(training_table(results))
     return 0 if all(r.status in ("done", "skipped") or r.reason for r in results) else 1
-
-
-def table(results) -> str:
-    def num(value: float, fmt: str) -> str:
-        return "-" if value is None or math.isnan(value) else format(value, fmt)
-
-    header = f"{'subject':<24} {'status':<8} {'steps':>6} {'seconds':>8} {'final loss':>10} {'held-out PSNR':>13}  note"
-    lines = [header, "-" * len(header)]
-    for r in results:
-        note = r.reason or (f"{r.version}, resumed from step {r.resumed_from}" if r.resumed_from else r.version)
-        lines.append(f"{r.subject_id:<24} {r.status:<8} {r.steps:>6} {num(r.seconds, '.1f'):>8} "
-                     f"{num(r.final_loss, '.4f'):>10} {num(r.heldout_psnr, '.2f'):>13}  {note}")
-    done = sum(r.status == "done" for r in results)
-    skipped = sum(r.status == "skipped" for r in results)
-    lines.append(f"{done} trained, {skipped} skipped (already in the registry), {len(results) - done - skipped} failed")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

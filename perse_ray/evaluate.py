@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-from pathlib import Path
 
 from perse_ray.avatar.io import Avatar, load_avatar
 
@@ -46,11 +45,6 @@ def leakage(before: np.ndarray, after: np.ndarray, mask: np.ndarray) -> float:
 
 def _u8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-
-
-def decode_png(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))
 
 
 def attribute_masks(frame_rows: list[dict], size: int) -> dict[str, np.ndarray]:

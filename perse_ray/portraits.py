@@ -76,14 +76,6 @@ def subject_id(name: str, sha256_hex: str) -> str:
     return f"{slugify(name)}-{sha256_hex[:8]}"
 
 
-_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,60})$")
-
-
-def check_subject_id(sid: str) -> str:
-    """Ids become folder names: refuse anything that is not a plain slug."""
-    if not isinstance(sid, str) or not _ID_RE.match(sid):
-        raise ValueError(f"invalid subject id {sid!r}")
-    return sid
 
 
 # --------------------------------------------------------------------------- discovery

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from perse_ray.avatar.io import META_FILE, MODEL_FILE, Avatar, load_avatar, save_avatar
+from perse_ray.schema import SUBJECT_ID, validate_subject_id
 
-SUBJECT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 VERSION = re.compile(r"^v\d{4,}$")
 MANIFEST = "manifest.parquet"
 
@@ -33,14 +33,6 @@ class RegistryError(KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
-
-
-def validate_subject_id(subject_id: str) -> str:
-    """A subject id is a lowercase slug (what ``portraits.py`` makes): no path can escape the root."""
-    if not isinstance(subject_id, str) or not SUBJECT_ID.match(subject_id):
-        raise ValueError(f"invalid subject id {subject_id!r}: expected 1-63 chars of [a-z0-9-], "
-                         "starting with a letter or digit")
-    return subject_id
 
 
 def validate_version(version: str) -> str:

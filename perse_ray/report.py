@@ -117,13 +117,13 @@ def write_report(root: Path, subjects: list[SubjectReport]) -> Path:
                      f"<tr><td>{e(s.source_path)}</td><td>{e(s.subject_id)}</td><td class='bad'>{e(s.status)}</td>"
                      f"<td>{e(s.reason)}</td></tr>" for s in bad) + "</table>")
     for s in subjects:
-        if s.status in ("quarantined",):
+        if s.status == "quarantined":
             continue
         sub = root / s.subject_id
         parts.append(f"<section id='{e(s.subject_id)}'><h2>{e(s.subject_id)}</h2>"
                      f"<p>{e(s.source_path)} — {e(s.status)} {e(s.version)} {e(s.reason)}</p>")
         if s.portrait_png:
-            (sub).mkdir(parents=True, exist_ok=True)
+            sub.mkdir(parents=True, exist_ok=True)
             (sub / "portrait.png").write_bytes(s.portrait_png)
             parts.append(f"<h3>Source portrait (aligned)</h3><img src='{e(s.subject_id)}/portrait.png'>")
         if s.frames:

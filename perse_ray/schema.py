@@ -6,6 +6,7 @@ schema metadata; ``validate`` checks a table against the contract and names what
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pyarrow as pa
@@ -13,6 +14,16 @@ import pyarrow as pa
 SCHEMA_VERSION = "1"
 
 SUBJECT_STATUS = ("ok", "quarantined")
+# Subject ids become folder names everywhere (frames partitions, registry, URLs): a plain slug.
+SUBJECT_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+
+
+def validate_subject_id(subject_id: str) -> str:
+    """Raise ``ValueError`` unless ``subject_id`` is a slug that cannot escape a folder."""
+    if not isinstance(subject_id, str) or not SUBJECT_ID.match(subject_id):
+        raise ValueError(f"invalid subject id {subject_id!r}: expected 1-63 chars of [a-z0-9-], "
+                         "starting with a letter or digit")
+    return subject_id
 
 _camera = pa.struct([
     ("yaw", pa.float32()),  # degrees, + turns the head to its left (camera moves right)

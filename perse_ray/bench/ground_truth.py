@@ -94,9 +94,9 @@ def frames_from_head(head: ProceduralHead, config: Config, subject_id: str = "pr
 
 def _as_eval_image(image: np.ndarray, width: int, height: int) -> torch.Tensor:
     """Through the same 8-bit PNG and resize path the training frames take."""
-    from perse_ray.train.loop import _decode_png
+    from perse_ray.train.loop import decode_resized
 
-    arr, _ = _decode_png(_png(image), width, height, "RGB")
+    arr, _ = decode_resized(_png(image), width, height, "RGB")
     return torch.from_numpy(arr)
 
 

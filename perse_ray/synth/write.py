@@ -29,8 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from perse_ray.portraits import check_subject_id
-from perse_ray.schema import FRAMES, SUBJECTS, table_from_rows, validate
+from perse_ray.schema import FRAMES, SUBJECTS, table_from_rows, validate, validate_subject_id
 
 COMPLETE = "_COMPLETE"
 SUBJECT_FILE = "_subject.parquet"
@@ -63,7 +62,7 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
 
 
 def partition_dir(frames_dir: Path, subject_id: str) -> Path:
-    return frames_dir / f"subject_id={check_subject_id(subject_id)}"
+    return frames_dir / f"subject_id={validate_subject_id(subject_id)}"
 
 
 def reason_category(reason: str) -> str:

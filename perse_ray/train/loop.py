@@ -57,7 +57,7 @@ class FrameSet:
         return FrameSet(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
-def _decode_png(data: bytes, width: int, height: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
+def decode_resized(data: bytes, width: int, height: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
     with Image.open(io.BytesIO(data)) as im:
         size = im.size
         im = im.convert(mode)
@@ -73,7 +73,7 @@ def frameset_from_rows(rows: Iterable[dict[str, Any]], layout: LatentLayout, wid
     for row in rows:
         if not row["kept"]:
             continue
-        img, (w0, h0) = _decode_png(row["image_png"], width, height, "RGB")
+        img, (w0, h0) = decode_resized(row["image_png"], width, height, "RGB")
         sel = np.zeros((len(layout.attributes), 3), dtype=np.float32)
         interp = row.get("interpolation")
         if row["attribute"]:
@@ -89,7 +89,7 @@ def frameset_from_rows(rows: Iterable[dict[str, Any]], layout: LatentLayout, wid
             sel[i] = (lo, hi, alpha)
         weight = np.ones((height, width), dtype=np.float32)
         if interp and row.get("mask_png"):
-            weight, _ = _decode_png(row["mask_png"], width, height, "L")
+            weight, _ = decode_resized(row["mask_png"], width, height, "L")
         cam = row["camera"]
         K = np.asarray(cam["K"], dtype=np.float32).reshape(3, 3).copy()
         K[0] *= width / w0
