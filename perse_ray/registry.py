@@ -69,7 +69,8 @@ class Registry:
             return []
         entries = []
         for subject in sorted(p for p in self.root.iterdir() if p.is_dir() and SUBJECT_ID.match(p.name)):
-            for version in sorted(v for v in subject.iterdir() if v.is_dir() and VERSION.match(v.name)):
+            for version in sorted((v for v in subject.iterdir() if v.is_dir() and VERSION.match(v.name)),
+                                  key=lambda v: int(v.name[1:])):
                 entry = self._entry(subject.name, version.name)
                 if entry is not None:
                     entries.append(entry)
@@ -88,8 +89,7 @@ class Registry:
             validate_version(version)
             entry = self._entry(subject_id, version)
         else:
-            versions = sorted(v.name for v in (self.root / subject_id).glob("v*") if VERSION.match(v.name))
-            entry = next(filter(None, (self._entry(subject_id, v) for v in reversed(versions))), None)
+            entry = next(self._newest_first(subject_id), None)
         if entry is None:
             raise RegistryError(f"no avatar {subject_id!r}" + (f" version {version!r}" if version else ""))
         return entry
@@ -100,8 +100,14 @@ class Registry:
     def find(self, subject_id: str, config_hash: str) -> AvatarEntry | None:
         """The newest version trained with ``config_hash`` (a re-run skips the subject)."""
         validate_subject_id(subject_id)
-        matches = [e for e in self.list() if e.subject_id == subject_id and e.config_hash == config_hash]
-        return matches[-1] if matches else None
+        return next((e for e in self._newest_first(subject_id) if e.config_hash == config_hash), None)
+
+    def _newest_first(self, subject_id: str):
+        """Complete versions of one subject, newest first (reads only that subject's folder)."""
+        subject_dir = self.root / subject_id
+        versions = sorted((v.name for v in subject_dir.iterdir() if VERSION.match(v.name)),
+                          key=lambda name: int(name[1:]), reverse=True) if subject_dir.is_dir() else []
+        return filter(None, (self._entry(subject_id, v) for v in versions))
 
     def _entry(self, subject_id: str, version: str) -> AvatarEntry | None:
         path = self.root / subject_id / version
