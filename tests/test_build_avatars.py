@@ -47,9 +47,10 @@ def head_node(tmp_path, tiny_models):
                              f"--temp-dir={ray_tmp}"],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
+    deadline = time.time() + 180
     while time.time() < deadline:
-        ok = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=env,
+        # Ready means a job can run: the dashboard answers `job list` before its job agent exists.
+        ok = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
                             capture_output=True).returncode == 0
         if ok:
             break
