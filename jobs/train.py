@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="subjects training at once (default: as many as the cluster's CPUs hold)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
                    help="logical CPUs each training process reserves (default 0.5)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="G",
+                   help="GPUs each training process reserves when training on GPUs (train.device=cuda, or auto "
+                        "on a cluster with GPUs); below 1 packs several subjects onto one GPU (default 1)")
     p.add_argument("--max-failures", type=int, default=2, metavar="N",
                    help="restarts per subject after a worker or trial process dies (default 2)")
     add_config_arguments(p)
@@ -55,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         output = Path(args.output).expanduser().resolve()
         if output.exists() and not output.is_dir():
             raise ValueError(f"output {output} exists and is not a folder")
-        if args.workers_per_subject < 1 or args.cpus_per_worker <= 0 or (args.max_concurrent or 1) < 1:
-            raise ValueError("--workers-per-subject, --cpus-per-worker and --max-concurrent must be positive")
+        if min(args.workers_per_subject, args.cpus_per_worker, args.gpus_per_worker, args.max_concurrent or 1) <= 0:
+            raise ValueError("--workers-per-subject, --cpus-per-worker, --gpus-per-worker and --max-concurrent "
+                             "must be positive")
     except (ConfigError, FramesError, ValueError) as e:
         return fail(e, 2)
     print(f"preset {cfg.preset}, config {cfg.hash()}, {args.workers_per_subject} worker(s) per subject, "
@@ -68,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             results = train_subjects(args.frames, output, cfg, args.workers_per_subject, subjects,
                                      max_failures=args.max_failures, max_concurrent=args.max_concurrent,
-                                     cpus_per_worker=args.cpus_per_worker, log=lambda line: print(line, flush=True))
+                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+                                     log=lambda line: print(line, flush=True))
         except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
             return fail(e, 1)
     print(training_table(results))

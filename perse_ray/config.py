@@ -155,6 +155,7 @@ class TrainConfig:
     holdout_fraction: float = 0.1
     seed: int = 0
     log_every: int = 50
+    device: str = "auto"  # auto (cuda when this process sees a GPU, else cpu) | cpu | cuda
 
 
 @dataclass
@@ -182,8 +183,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable short hash of every value: outputs made with another config are not reused."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        """Stable short hash of every value that shapes a result (not where it runs): outputs made
+        with another config are not reused."""
+        values = self.to_dict()
+        del values["train"]["device"]
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -120,8 +120,9 @@ def test_ssim_matches_scikit_image_and_psnr():
     assert float(psnr(a, a * 0 + a + 0.1)) == pytest.approx(20.0, abs=1e-3)
 
 
-def _train(rows, steps, ckpt=None, resume=True, **kw):
-    cfg = load_config("cpu-smoke", SHRUNK + [f"train.steps={steps}", "train.checkpoint_every=10"])
+def _train(rows, steps, ckpt=None, resume=True, device="auto", **kw):
+    cfg = load_config("cpu-smoke", SHRUNK + [f"train.steps={steps}", "train.checkpoint_every=10",
+                                             f"train.device={device}"])
     return cfg, train_avatar(rows, cfg, checkpoint_dir=ckpt, resume=resume, progress=False, **kw)
 
 
@@ -222,3 +223,12 @@ def test_corrupt_or_mismatched_avatar_files_fail_clearly(tmp_path, shrunk_rows):
     for name, (mutate, message) in cases.items():
         with pytest.raises(AvatarFormatError, match=message):
             load_avatar(broken(name, mutate))
+
+
+def test_training_device_is_checked_and_not_part_of_the_config_hash(shrunk_rows):
+    assert load_config("cpu", ["train.device=cuda"]).hash() == load_config("cpu").hash()
+    with pytest.raises(ValueError, match="train.device must be auto, cpu or cuda"):
+        _train(shrunk_rows, 1, device="tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="sees no CUDA GPU"):
+            _train(shrunk_rows, 1, device="cuda")

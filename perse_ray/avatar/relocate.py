@@ -45,8 +45,10 @@ def relocate_dead(model, optimizer: torch.optim.Optimizer, peak_opacity: torch.T
     live = torch.nonzero(peak_opacity >= threshold).flatten()
     if len(dead) == 0 or len(live) == 0:
         return 0
-    weights = peak_opacity[live]
-    targets = live[torch.multinomial(weights, len(dead), replacement=True, generator=generator)]
+    # drawn on the generator's device (the CPU): the same targets whatever device trains
+    choice = torch.multinomial(peak_opacity[live].to(generator.device), len(dead), replacement=True,
+                               generator=generator)
+    targets = live[choice.to(live.device)]
     copies = torch.bincount(targets, minlength=len(peak_opacity))[targets] + 1  # per chosen target
 
     base_opacity = torch.sigmoid(model.opacity_logits[targets])

@@ -3,7 +3,7 @@
     results = train_subjects("synth/", "out/", load_config("cpu"), workers_per_subject=2)
 
 A Tune grid over subjects; each trial trains one subject. With ``workers_per_subject > 1`` the
-trial runs a Ray Train ``TorchTrainer``: DDP over gloo, each rank training its own slice of every
+trial runs a Ray Train ``TorchTrainer``: DDP (gloo on CPUs, nccl on GPUs), each rank training its own slice of every
 step's batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts resuming from the last
 one. With one worker the trial runs the loop itself, which saves starting a worker group; the
 loop's own checkpoints then give the same resume. Under ``output``:
@@ -67,19 +67,23 @@ class _Job:
     config: Config
     workers: int
     cpus_per_worker: float
+    gpus_per_worker: float  # 0: train on CPUs
     max_failures: int
     partitions: dict[str, str]
 
 
 def train_subjects(frames_root: str | Path, output: str | Path, config: Config, workers_per_subject: int = 1,
                    subjects: list[str] | None = None, *, max_failures: int = 2, max_concurrent: int | None = None,
-                   cpus_per_worker: float = 0.5, log: Callable[[str], Any] = print) -> list[SubjectResult]:
+                   cpus_per_worker: float = 0.5, gpus_per_worker: float = 1.0,
+                   log: Callable[[str], Any] = print) -> list[SubjectResult]:
     """Train every subject of a synthesis output (or just ``subjects``) that is not yet in
     ``<output>/avatars`` for ``config``; one result per subject, sorted. Ray must be up.
 
     ``max_failures``: restarts per subject after a worker or trial process dies.
     ``max_concurrent``: subjects at once (default: as many as the cluster's CPUs hold).
     ``cpus_per_worker``: logical CPUs per training process (fractional: whole CPUs starve a 2-core box).
+    ``gpus_per_worker``: GPUs per training process when it trains on GPUs: ``train.device=cuda``, or
+    ``auto`` on a cluster that has GPUs (fractional packs several small avatars onto one GPU).
     """
     if workers_per_subject < 1:
         raise ValueError(f"workers_per_subject must be >= 1, got {workers_per_subject}")
@@ -105,24 +109,39 @@ def train_subjects(frames_root: str | Path, output: str | Path, config: Config, 
         else:
             todo[sid] = str(found.partition)
     if todo:
-        job = _Job(output, output / "ray_train" / config.hash(), config, workers_per_subject, cpus_per_worker,
-                   max_failures, todo)
+        on_gpus = _trains_on_gpus(config)
+        # every trial and worker trains on the device chosen here, not on whatever it happens to see
+        placed = dataclasses.replace(config, train=dataclasses.replace(config.train, device="cuda" if on_gpus else "cpu"))
+        job = _Job(output, output / "ray_train" / config.hash(), placed, workers_per_subject, cpus_per_worker,
+                   gpus_per_worker if on_gpus else 0.0, max_failures, todo)
         results.update((r.subject_id, r) for r in _run_grid(job, max_concurrent, log))
     return [results[sid] for sid in sorted(results)]
 
 
+def _trains_on_gpus(config: Config) -> bool:
+    device = config.train.device
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0.0) > 0)
+
+
 def _run_grid(job: _Job, max_concurrent: int | None, log) -> list[SubjectResult]:
     direct = job.workers == 1
-    need = job.workers * job.cpus_per_worker + (0.0 if direct else TRIAL_CPU)
-    cpus = ray.cluster_resources().get("CPU", 0.0)
-    if need > cpus:  # Tune would wait forever for a placement that can never happen
-        raise RuntimeError(f"one subject needs {need:g} CPUs ({job.workers} worker(s) x {job.cpus_per_worker:g}) "
-                           f"but the cluster has {cpus:g}: use fewer workers per subject or fewer CPUs per worker")
-    concurrency = max_concurrent or max(1, int(cpus / need + 1e-9))
-    log(f"training {len(job.partitions)} subject(s), {job.workers} worker(s) each, up to {concurrency} at once; "
-        f"run state in {job.run_root}")
-    trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job),
-                                    {"cpu": job.cpus_per_worker if direct else TRIAL_CPU})
+    have, fits = ray.cluster_resources(), []
+    for kind, per_worker in (("CPU", job.cpus_per_worker), ("GPU", job.gpus_per_worker)):
+        if not per_worker:
+            continue
+        need = job.workers * per_worker + (TRIAL_CPU if kind == "CPU" and not direct else 0.0)
+        if need > have.get(kind, 0.0):  # Tune would wait forever for a placement that can never happen
+            raise RuntimeError(f"one subject needs {need:g} {kind}s ({job.workers} worker(s) x {per_worker:g}) but "
+                               f"the cluster has {have.get(kind, 0.0):g}: use fewer workers per subject or fewer "
+                               f"{kind}s per worker")
+        fits.append(int(have[kind] / need + 1e-9))
+    concurrency = max_concurrent or max(1, min(fits))
+    log(f"training {len(job.partitions)} subject(s), {job.workers} worker(s) each"
+        f"{' on GPUs' if job.gpus_per_worker else ''}, up to {concurrency} at once; run state in {job.run_root}")
+    trial_resources = {k.lower(): v for k, v in _worker_resources(job).items()} if direct else {"cpu": TRIAL_CPU}
+    trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job), trial_resources)
     tuner = tune.Tuner(
         trainable,
         param_space={"subject_id": tune.grid_search(sorted(job.partitions))},
@@ -139,6 +158,10 @@ def _run_grid(job: _Job, max_concurrent: int | None, log) -> list[SubjectResult]
         else:
             out.append(_subject_result(sid, result.metrics))
     return out
+
+
+def _worker_resources(job: _Job) -> dict[str, float]:
+    return {"CPU": job.cpus_per_worker, **({"GPU": job.gpus_per_worker} if job.gpus_per_worker else {})}
 
 
 def _trial_name(trial) -> str:
@@ -190,9 +213,9 @@ def _train_with_ray_train(job: _Job, sid: str) -> tuple[Avatar, dict]:
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"subject_id": sid, "partition": job.partitions[sid], "config": job.config.to_dict()},
-        torch_config=TorchConfig(backend="gloo"),  # the loop trains on CPU tensors
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=False,
-                                     resources_per_worker={"CPU": job.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if job.gpus_per_worker else "gloo"),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=bool(job.gpus_per_worker),
+                                     resources_per_worker=_worker_resources(job)),
         run_config=RunConfig(
             name=sid, storage_path=str(job.run_root), checkpoint_config=CheckpointConfig(num_to_keep=2),
             # worker-group start timeouts count as controller failures: bound them too

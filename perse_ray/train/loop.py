@@ -56,6 +56,20 @@ class FrameSet:
     def subset(self, index: torch.Tensor) -> "FrameSet":
         return FrameSet(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
+    def to(self, device: torch.device) -> "FrameSet":
+        return FrameSet(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is this process's current GPU when it sees one (Ray Train pins one per worker), else the CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but this process sees no CUDA GPU")
+    return torch.device("cuda", torch.cuda.current_device())
+
 
 def decode_resized(data: bytes, width: int, height: int, mode: str) -> tuple[np.ndarray, tuple[int, int]]:
     with Image.open(io.BytesIO(data)) as im:
@@ -223,16 +237,18 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     torch.manual_seed(tcfg.seed)
     rows = rows_from_table(frames) if isinstance(frames, pa.Table) else list(frames)
     layout = LatentLayout.from_config(config.synth, config.avatar.code_dim)
+    device = resolve_device(tcfg.device)
     data = frameset_from_rows(rows, layout, rcfg.width, rcfg.height)
-    train_idx, held_idx = split_holdout(data, tcfg.holdout_fraction, tcfg.seed)
+    train_idx, held_idx = (i.to(device) for i in split_holdout(data, tcfg.holdout_fraction, tcfg.seed))
+    data = data.to(device)
     train_set = data.subset(train_idx)
 
-    model = AvatarModel(layout, config.avatar, seed=tcfg.seed)
+    model = AvatarModel(layout, config.avatar, seed=tcfg.seed).to(device)
     optimizer = torch.optim.Adam(_param_groups(model, tcfg), eps=1e-15)
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    lpips_model = load_lpips() if tcfg.lambda_lpips > 0 else None
+    gen = torch.Generator().manual_seed(tcfg.seed)  # on the CPU: the same draws on every device
+    lpips_model = load_lpips().to(device) if tcfg.lambda_lpips > 0 else None
     step, history, seconds_before = 0, [], 0.0
-    peak_opacity = torch.zeros(config.avatar.num_gaussians)
+    peak_opacity = torch.zeros(config.avatar.num_gaussians, device=device)
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir else None
     latest = latest_checkpoint(ckpt_root) if ckpt_root and resume else None
     if latest is not None:
@@ -251,7 +267,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         # One draw for the whole group, so the generator (also used by relocation, and saved in
         # checkpoints) stays identical on every rank; each rank trains on its own slice of it.
         draw = torch.randint(len(train_set), (per_rank * world,), generator=gen)
-        batch_idx = draw[rank * per_rank:(rank + 1) * per_rank]
+        batch_idx = draw[rank * per_rank:(rank + 1) * per_rank].to(device)
         batch = train_set.subset(batch_idx)
         rgb, g = render_frames(model, batch, rcfg.backend)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim, lpips_model, tcfg.lambda_lpips)
@@ -292,7 +308,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     if len(held_idx):
         held = evaluate(model, data.subset(held_idx), rcfg.backend)
         metrics.update(heldout_psnr=held["psnr"], heldout_ssim=held["ssim"])
-    return TrainResult(_make_avatar(model, config, metrics, subject_id), metrics, history)
+    return TrainResult(_make_avatar(model.cpu(), config, metrics, subject_id), metrics, history)
 
 
 @torch.no_grad()
@@ -350,7 +366,7 @@ def _save_checkpoint(root: Path, step: int, avatar: Avatar, optimizer, gen: torc
         save_avatar(avatar, tmp / "avatar")
         state, groups = _optimizer_tensors(optimizer)
         state["generator_state"] = gen.get_state()
-        state["peak_opacity"] = peak_opacity.clone()
+        state["peak_opacity"] = peak_opacity.cpu().clone()
         save_file(state, str(tmp / STATE_FILE))
         (tmp / TRAINER_FILE).write_text(json.dumps({"step": step, "seconds": seconds, "history": history,
                                                      "param_groups": groups}))
