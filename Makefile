@@ -25,20 +25,10 @@ $(STAMP): pyproject.toml
 test: venv
 	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
+# build_avatars prints the report path and the `serve run` line; `make serve OUT=...` does the same.
 demo: venv
-	@if [ -f jobs/build_avatars.py ]; then \
-	  $(RUN) $(PY) jobs/build_avatars.py --input examples/portraits --output $(OUT) $(if $(PRESET),--preset $(PRESET)) && \
-	  echo "report: $(OUT)/report/index.html"; \
-	else \
-	  echo "jobs/build_avatars.py is not built yet: running the stages that exist."; \
-	  if [ -f jobs/synthesize.py ]; then \
-	    $(RUN) $(PY) jobs/synthesize.py --input examples/portraits --output $(OUT)/synth $(if $(PRESET),--preset $(PRESET)); \
-	  else echo "missing: jobs/synthesize.py (synthesis)"; fi; \
-	  if [ -f benchmarks/gt_avatar.py ]; then \
-	    $(RUN) $(PY) benchmarks/gt_avatar.py --preset cpu-smoke; \
-	  else echo "missing: benchmarks/gt_avatar.py (avatar core)"; fi; \
-	  for m in jobs/train.py serve/app.py jobs/build_avatars.py; do [ -f $$m ] || echo "missing: $$m"; done; \
-	fi
+	$(RUN) $(PY) jobs/build_avatars.py --input examples/portraits --output $(OUT) $(if $(PRESET),--preset $(PRESET))
+	@echo "or: make serve OUT=$(OUT)"
 
 bench: venv
 	@for b in benchmarks/*.py; do \

@@ -345,15 +345,22 @@ def synthesize(cfg: Config, discovery: Discovery, output: Path, log=print) -> di
 def _synthesize(cfg: Config, discovery: Discovery, folder: OutputFolder, start: float, log) -> dict:
     complete = folder.prepare()
     folder.write_json("motion.json", script_to_json(motion_script(cfg.synth.motion)))
-    todo = [c for c in discovery.candidates if c.subject_id not in complete]
+    earlier = folder.rejected()
+    rejected = {c.subject_id: earlier[c.subject_id] for c in discovery.candidates
+                if c.subject_id in earlier and earlier[c.subject_id]["content_sha256"] == c.content_sha256}
+    todo = [c for c in discovery.candidates if c.subject_id not in complete and c.subject_id not in rejected]
     reused = [complete[c.subject_id] for c in discovery.candidates if c.subject_id in complete]
     for row in reused:
         log(f"[skip] {row['subject_id']}: frames complete for config {cfg.hash()}")
+    for row in rejected.values():
+        log(f"[skip] {row['subject_id']}: turned down at ingest before ({row['reason']})")
     writer = FramesWriter(folder, frames_per_subject(cfg), log)
     for block in run_pipeline(cfg, todo):
         writer.add_block(block)
-    rows = discovery.quarantined + reused + writer.finish(
+    rejected_before = [{k: row[k] for k in SUBJECTS.names} for row in rejected.values()]
+    rows = discovery.quarantined + reused + rejected_before + writer.finish(
         {c.subject_id: (c.source_path, c.content_sha256) for c in todo})
+    folder.write_rejected(rejected_before + writer.rejected())
     folder.write_subjects(rows)
     in_input = {r["subject_id"] for r in rows}
     summary = {

@@ -115,10 +115,19 @@ def test_rerun_skips_then_killed_run_resumes(first_run):
     parts = sorted((out / "frames").glob("subject_id=*"))
     stamps = {p: p.stat().st_mtime_ns for p in parts}
 
-    again = synthesize(cfg, discover_subjects(root), out, log=lambda _: None)
+    again_logs: list[str] = []
+    again = synthesize(cfg, discover_subjects(root), out, log=again_logs.append)
     assert again["skipped_complete"] == 4 and again["frames"]["written_this_run"] == 0
     assert {p: p.stat().st_mtime_ns for p in parts} == stamps
     assert again["subjects"]["ok"] == 4
+    # portraits ingest turned down are remembered: nothing went through the graph this time
+    rejected = json.loads((out / "rejected.json").read_text())
+    reasons = [r["reason"] for r in rejected.values()]
+    assert len(rejected) == 10 and reasons.count("no face found") == 5
+    assert all(r["config_hash"] == cfg.hash() for r in rejected.values())
+    assert not any("FileNotFoundError" in r for r in reasons)  # an error, not a decision: retried
+    assert sum("turned down at ingest before" in line for line in again_logs) == 10
+    assert again["reasons"]["no face found"] == 5 and set(again["seconds_per_stage"].values()) == {0.0}
 
     # A killed run: one partition lost its completion marker, another run left a staging folder
     # with a half-written part and a temp file beside the outputs.

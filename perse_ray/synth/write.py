@@ -4,13 +4,17 @@
     <output>/frames/subject_id=<id>/part-*.parquet  hive partitions of the ``frames`` schema
     <output>/frames/subject_id=<id>/_COMPLETE       JSON: config hash and frame count
     <output>/frames/subject_id=<id>/_subject.parquet that subject's ``subjects`` row (for re-runs)
+    <output>/rejected.json                          portraits ingest turned down (no face, …), by
+                                                    subject: content hash, config hash and reason
     <output>/motion.json, <output>/summary.json
 
 A subject's parts are written into ``frames/.staging-<run>/subject_id=<id>/`` and the folder is
 renamed into place only when every frame is there and ``_COMPLETE`` is written, so a killed run
 never leaves a half-written partition where readers look (pyarrow skips names starting with "." or
 "_"). A re-run deletes leftover staging folders and partitions without a ``_COMPLETE`` for the
-current config hash, and skips subjects whose partition is complete.
+current config hash, and skips subjects whose partition is complete, and those whose unchanged
+portrait ingest already turned down with this config (that decision is deterministic; errors and
+crashes are not remembered, so they are retried).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from perse_ray.schema import FRAMES, SUBJECTS, table_from_rows, validate, valida
 
 COMPLETE = "_COMPLETE"
 SUBJECT_FILE = "_subject.parquet"
+REJECTED_FILE = "rejected.json"
 
 
 class OutputError(ValueError):
@@ -116,6 +121,22 @@ class OutputFolder:
             and marker.get("frames") == frames > 0 and len(rows) == 1 \
             and part.name == f"subject_id={rows[0]['subject_id']}"
         return rows[0] if whole else None
+
+    def rejected(self) -> dict[str, dict]:
+        """Ingest's earlier rejections under this config: subject id → its quarantined subjects row."""
+        try:
+            entries = json.loads((self.root / REJECTED_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(entries, dict):
+            return {}
+        return {sid: row for sid, row in entries.items()
+                if isinstance(row, dict) and row.get("config_hash") == self.config_hash
+                and set(SUBJECTS.names) <= set(row)}
+
+    def write_rejected(self, rows: list[dict]) -> None:
+        self.write_json(REJECTED_FILE, {r["subject_id"]: {**{k: r[k] for k in SUBJECTS.names},
+                                                          "config_hash": self.config_hash} for r in rows})
 
     def write_json(self, name: str, payload: dict | str) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, indent=1, sort_keys=True)
@@ -202,6 +223,10 @@ class FramesWriter:
         self.failed[sid] = reason
         shutil.rmtree(partition_dir(self.staging, sid), ignore_errors=True)
         self.log(f"[{reason.split(':')[0]}] {sid}: quarantined ({reason})")
+
+    def rejected(self) -> list[dict]:
+        """The subjects rows ingest turned down in this run (its decisions, not errors)."""
+        return [row for sid, row in self.subjects.items() if row["status"] != "ok" and sid not in self.failed]
 
     def finish(self, sources: dict[str, tuple[str, str]]) -> list[dict]:
         """The subjects rows of this run, failures and incomplete subjects quarantined.
