@@ -24,10 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.common import add_config_arguments, connect_ray, fail, training_table  # noqa: E402
+from jobs.common import (  # noqa: E402
+    add_config_arguments, connect_ray, fail, local_training_concurrency, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
-from perse_ray.pipeline import resolve_models  # noqa: E402
+from perse_ray.pipeline import local_num_cpus, resolve_models  # noqa: E402
 from perse_ray.portraits import InputError, discover_subjects  # noqa: E402
 from perse_ray.registry import validate_subject_id  # noqa: E402
 from perse_ray.synth.write import OutputError, check_output_dir  # noqa: E402
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from perse_ray.train.distributed import train_subjects
 
     seconds = {}
-    with connect_ray():
+    with connect_ray(local_num_cpus(cfg)) as local:
         t = time.perf_counter()
         try:
             synthesize(cfg, discovery, synth_dir, log=lambda line: print(f"[synth] {line}", flush=True))
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         try:
             results = train_subjects(synth_dir / "frames", output, cfg, args.workers_per_subject, subjects,
+                                     max_concurrent=local_training_concurrency(local),
                                      log=lambda line: print(f"[train] {line}", flush=True))
         except RuntimeError as e:
             return fail(e, 1)

@@ -22,20 +22,28 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def connect_ray(num_cpus: int | None = None, include_dashboard: bool | None = None):
     """Join the cluster in RAY_ADDRESS (set under `ray job submit`), else start a local Ray with
     more logical CPUs than cores, so fractional actors and trials never starve each other; shut
-    down what was started (never `ray stop`)."""
+    down what was started (never `ray stop`). Yields whether the Ray is a local one."""
     import ray
 
     env = {"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env)  # reads RAY_ADDRESS itself
-    else:
+    local = not os.environ.get("RAY_ADDRESS")
+    if local:
         # Keep the dashboard for training (include_dashboard=None): without it Ray Train polls and warns.
         ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1),
                  include_dashboard=include_dashboard, runtime_env=env)
+    else:
+        ray.init(runtime_env=env)  # reads RAY_ADDRESS itself
     try:
-        yield ray
+        yield local
     finally:
         ray.shutdown()
+
+
+def local_training_concurrency(local: bool, requested: int | None = None) -> int | None:
+    """Subjects training at once: as asked, else one per core on a local Ray (its logical CPUs are
+    raised above the cores for the synthesis actors; single-threaded trials beyond the cores only
+    take turns), else what the cluster's CPUs hold (None)."""
+    return requested or ((os.cpu_count() or 1) if local else None)
 
 
 def fail(error: BaseException, code: int) -> int:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.common import add_config_arguments, connect_ray, fail, training_table  # noqa: E402
+from jobs.common import (  # noqa: E402
+    add_config_arguments, connect_ray, fail, local_training_concurrency, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.registry import validate_subject_id  # noqa: E402
 from perse_ray.train.data import FramesError, frames_dir  # noqa: E402
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--subjects", default=None, metavar="ID,ID,...",
                    help="train only these subjects (default: every subject with frames)")
     p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
-                   help="subjects training at once (default: as many as the cluster's CPUs hold)")
+                   help="subjects training at once (default: one per core on a local Ray, else as many as "
+                        "the cluster's CPUs hold)")
     p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
                    help="logical CPUs each training process reserves (default 0.5)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="G",
@@ -68,10 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from perse_ray.train.distributed import train_subjects
 
-    with connect_ray():
+    with connect_ray() as local:
         try:
             results = train_subjects(args.frames, output, cfg, args.workers_per_subject, subjects,
-                                     max_failures=args.max_failures, max_concurrent=args.max_concurrent,
+                                     max_failures=args.max_failures,
+                                     max_concurrent=local_training_concurrency(local, args.max_concurrent),
                                      cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
                                      log=lambda line: print(line, flush=True))
         except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
