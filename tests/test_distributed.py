@@ -112,8 +112,6 @@ def _recorded_steps(run_dir: Path) -> list[int]:
 
 @pytest.mark.ray
 @pytest.mark.timeout(300)
-@pytest.mark.skip(reason="known failure: after a DDP worker is killed, the restarted worker group does not "
-                         "finish within 300 s on a 2-core machine; recovery needs investigation")
 def test_two_subjects_two_workers_each_one_worker_killed_mid_run(ray_cluster, synth, tmp_path):
     """alice and bob train the same frames side by side; once both have a recorded checkpoint one
     training worker (of either) is killed: that subject resumes and must end where the other did."""
