@@ -3,7 +3,10 @@
 Pure functions over an ``Avatar`` (no Ray). Figures:
 - ``identity_mean`` / ``identity_min`` / ``identity_detected``: the preset's face embedder scores
   renders across a yaw sweep against the source portrait (id_score in [0, 1], higher = same
-  person); ``identity_detected`` is the fraction of views where the detector found the face.
+  person); ``identity_detected`` is the fraction of views where the detector found the face. Where
+  it does not (large yaw, a soft render), the face is cut at the source landmarks moved to that
+  view as the animator moves them — the synthesis identity filter's fallback; a view with neither
+  scores 0.
 - ``smoothness_<attribute>``: the largest per-step image change along the slider divided by the
   mean step (1.0 = perfectly even; a jump makes it large).
 - ``leakage_<attribute>``: mean pixel change outside the attribute's edit mask when only its
@@ -60,19 +63,26 @@ def attribute_masks(frame_rows: list[dict], size: int) -> dict[str, np.ndarray]:
 
 
 def evaluate_avatar(avatar: Avatar, *, face_model=None, source_embedding: np.ndarray | None = None,
-                    masks: dict[str, np.ndarray] | None = None, size: int = 128) -> dict[str, float]:
-    """All figures the inputs allow: identity needs ``face_model`` + ``source_embedding``;
-    leakage needs ``masks`` (attribute → bool [size, size], e.g. from ``attribute_masks``)."""
+                    source_landmarks: np.ndarray | None = None, masks: dict[str, np.ndarray] | None = None,
+                    size: int = 128) -> dict[str, float]:
+    """All figures the inputs allow: identity needs ``face_model`` + ``source_embedding`` (and uses
+    ``source_landmarks``, aligned-portrait pixels at ``size``, when the detector misses); leakage
+    needs ``masks`` (attribute → bool [size, size], e.g. from ``attribute_masks``)."""
     from perse_ray.faces import embed_frame
+    from perse_ray.synth.classical.animator import Camera, move_landmarks
+    from perse_ray.synth.motion import MotionFrame
 
     out: dict[str, float] = {}
     layout = avatar.layout
     neutral = avatar.latent({}, {})
     if face_model is not None and source_embedding is not None:
         views = avatar.render(neutral, [(y, 0.0) for y in IDENTITY_YAWS], size, size)[0]
+        camera = Camera(avatar.meta["camera"]["fov_deg"], avatar.meta["camera"]["distance"])
         scores, found = [], 0
-        for view in views:
-            emb, how = embed_frame(face_model, _u8(view))
+        for yaw, view in zip(IDENTITY_YAWS, views):
+            known = None if source_landmarks is None else \
+                move_landmarks(source_landmarks, MotionFrame(0, yaw, 0.0), size, camera)
+            emb, how = embed_frame(face_model, _u8(view), known)
             found += how == "detector"
             scores.append(face_model.id_score(np.asarray(source_embedding), emb) if emb is not None else 0.0)
         out.update(identity_mean=float(np.mean(scores)), identity_min=float(np.min(scores)),
@@ -126,13 +136,14 @@ def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cach
         cfg = from_dict(Config, avatar.meta["config"]) if "config" in avatar.meta else None
         size = cfg.synth.resolution if cfg else 128
         rows, subject = read_partition(frames_root, entry.subject_id) if frames_root else ([], None)
-        face_model = source = None
+        face_model = source = landmarks = None
         if cfg is not None and subject and subject.get("identity"):
             key = json.dumps(cfg.faces.__dict__, sort_keys=True)
             if key not in face_models:
                 face_models[key] = load_face_model(cfg.faces)
             face_model, source = face_models[key], np.asarray(subject["identity"], dtype=np.float32)
-        figures = evaluate_avatar(avatar, face_model=face_model, source_embedding=source,
+            landmarks = np.asarray(subject["landmarks"], dtype=np.float32) if subject.get("landmarks") else None
+        figures = evaluate_avatar(avatar, face_model=face_model, source_embedding=source, source_landmarks=landmarks,
                                   masks=attribute_masks(rows, size) if rows else None, size=size)
         results[entry.subject_id] = figures
         log(f"[eval] {entry.subject_id} {entry.version}: " + ", ".join(f"{k}={v:.3f}" for k, v in figures.items()))

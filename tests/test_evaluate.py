@@ -52,6 +52,44 @@ def test_evaluate_avatar_reports_smoothness_and_leakage(trained):
     assert "identity_mean" not in figures  # no face model given: not faked
 
 
+class _NoDetectionFaces:
+    """A face model whose detector never finds a face; records the face boxes it embeds."""
+
+    def __init__(self):
+        self.boxes = []
+
+    def detect(self, image):
+        return []
+
+    def embed(self, image, face):
+        self.boxes.append(face.box)
+        return np.ones(4, np.float32)
+
+    def id_score(self, a, b):
+        return 0.75
+
+
+def test_identity_falls_back_to_the_moved_source_landmarks(trained):
+    from skimage import data
+
+    from perse_ray.config import FacesConfig
+    from perse_ray.faces import align, load_face_model
+
+    avatar, _ = trained
+    image = data.astronaut()
+    _, landmarks, _ = align(image, load_face_model(FacesConfig()).detect(image)[0], 32)
+    faces = _NoDetectionFaces()
+    figures = evaluate_avatar(avatar, face_model=faces, source_embedding=np.ones(4), source_landmarks=landmarks,
+                              size=32)
+    assert figures["identity_detected"] == 0.0
+    assert figures["identity_mean"] == figures["identity_min"] == 0.75  # every view scored, via landmarks
+    left, front, right = (np.asarray(faces.boxes[i]) for i in (0, 2, 4))  # yaw -30, 0, +30
+    assert np.allclose(front, [*landmarks.min(0), *landmarks.max(0)], atol=0.5)  # yaw 0: the portrait's face
+    assert abs(left[0] - right[0]) > 1.0  # turned views cut the face where it moved
+    without = evaluate_avatar(avatar, face_model=_NoDetectionFaces(), source_embedding=np.ones(4), size=32)
+    assert without["identity_mean"] == 0.0  # no face found and no landmarks: the view scores 0
+
+
 def test_report_names_quarantined_inputs_and_writes_strips(tmp_path, trained):
     from perse_ray.report import SubjectReport, write_report
 
