@@ -27,6 +27,7 @@ from PIL import Image
 from perse_ray.avatar.io import Avatar, load_avatar
 
 IDENTITY_YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
+FIGURES_VERSION = 2  # part of the cache file name: raise it when a figure's definition changes
 SLIDER_STEPS = 16
 
 
@@ -128,7 +129,7 @@ def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cach
 
     results, face_models = {}, {}
     for entry in Registry(registry_root).latest():
-        cached = cache_dir / entry.subject_id / f"{entry.version}.json" if cache_dir else None
+        cached = cache_dir / entry.subject_id / f"{entry.version}.figures-v{FIGURES_VERSION}.json" if cache_dir else None
         if cached and cached.is_file():
             results[entry.subject_id] = json.loads(cached.read_text())
             continue
