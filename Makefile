@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 test: venv
 	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
-# build_avatars prints the report path and the `serve run` line; `make serve OUT=...` does the same.
+# build_avatars prints the report path and the `serve run` line for its output.
 demo: venv
 	$(RUN) $(PY) jobs/build_avatars.py --input examples/portraits --output $(OUT) $(if $(PRESET),--preset $(PRESET))
 	@echo "or: make serve OUT=$(OUT)"

@@ -129,7 +129,8 @@ def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cach
 
     results, face_models = {}, {}
     for entry in Registry(registry_root).latest():
-        cached = cache_dir / entry.subject_id / f"{entry.version}.figures-v{FIGURES_VERSION}.json" if cache_dir else None
+        name = f"{entry.version}.figures-v{FIGURES_VERSION}.json"
+        cached = cache_dir / entry.subject_id / name if cache_dir else None
         if cached and cached.is_file():
             results[entry.subject_id] = json.loads(cached.read_text())
             continue
@@ -144,8 +145,9 @@ def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cach
                 face_models[key] = load_face_model(cfg.faces)
             face_model, source = face_models[key], np.asarray(subject["identity"], dtype=np.float32)
             landmarks = np.asarray(subject["landmarks"], dtype=np.float32) if subject.get("landmarks") else None
-        figures = evaluate_avatar(avatar, face_model=face_model, source_embedding=source, source_landmarks=landmarks,
-                                  masks=attribute_masks(rows, size) if rows else None, size=size)
+        figures = evaluate_avatar(avatar, face_model=face_model, source_embedding=source,
+                                  source_landmarks=landmarks, masks=attribute_masks(rows, size) if rows else None,
+                                  size=size)
         results[entry.subject_id] = figures
         log(f"[eval] {entry.subject_id} {entry.version}: " + ", ".join(f"{k}={v:.3f}" for k, v in figures.items()))
         if cached:

@@ -14,14 +14,13 @@ from perse_ray.bench.procedural import ProceduralHead
 from perse_ray.config import load_config
 from perse_ray.train.loop import latest_checkpoint, train_avatar
 
+from test_avatar import SHRUNK  # the avatar tests' shrunk sizes
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
 ]
 
-SHRUNK = ["synth.resolution=32", "render.width=24", "render.height=24", "synth.motion.num_frames=5",
-          "synth.morph_alphas=[0.5]", "avatar.num_gaussians=400", "avatar.hidden_dim=16", "avatar.feature_dim=8",
-          "train.batch_size=4", "train.log_every=10", "train.holdout_fraction=0.25", "train.relocate_every=20"]
 
 
 @pytest.fixture(scope="module")

@@ -3,9 +3,9 @@
     results = train_subjects("synth/", "out/", load_config("cpu"), workers_per_subject=2)
 
 A Tune grid over subjects; each trial trains one subject. With ``workers_per_subject > 1`` the
-trial runs a Ray Train ``TorchTrainer``: DDP (gloo on CPUs, nccl on GPUs), each rank training its own slice of every
-step's batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts resuming from the last
-one. With one worker the trial runs the loop itself, which saves starting a worker group; the
+trial runs a Ray Train ``TorchTrainer``: DDP (gloo on CPUs, nccl on GPUs), each rank training its
+own slice of every step's batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts
+resuming from the last one. With one worker the trial runs the loop itself, which saves starting a worker group; the
 loop's own checkpoints then give the same resume. Under ``output``:
 
     avatars/                               the registry: safetensors + JSON + manifest only
@@ -38,7 +38,8 @@ from perse_ray.avatar.io import Avatar, load_avatar, save_avatar
 from perse_ray.config import Config, from_dict
 from perse_ray.registry import Registry
 from perse_ray.train.data import discover, read_frames
-from perse_ray.train.loop import CHECKPOINT_PREFIX, TRAINER_FILE, DataParallel, latest_checkpoint, train_avatar
+from perse_ray.train.loop import (CHECKPOINT_PREFIX, TRAINER_FILE, DataParallel, check_device_name, latest_checkpoint,
+                                  train_avatar)
 
 TRIAL_CPU = 0.01  # a trial that only drives a TorchTrainer (Tune rejects 0)
 LOOP_CHECKPOINTS = "loop"  # one-worker subjects: the loop's checkpoints, in the subject's run folder
@@ -111,7 +112,8 @@ def train_subjects(frames_root: str | Path, output: str | Path, config: Config, 
     if todo:
         on_gpus = _trains_on_gpus(config)
         # every trial and worker trains on the device chosen here, not on whatever it happens to see
-        placed = dataclasses.replace(config, train=dataclasses.replace(config.train, device="cuda" if on_gpus else "cpu"))
+        device = "cuda" if on_gpus else "cpu"
+        placed = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
         job = _Job(output, output / "ray_train" / config.hash(), placed, workers_per_subject, cpus_per_worker,
                    gpus_per_worker if on_gpus else 0.0, max_failures, todo)
         results.update((r.subject_id, r) for r in _run_grid(job, max_concurrent, log))
@@ -119,9 +121,7 @@ def train_subjects(frames_root: str | Path, output: str | Path, config: Config, 
 
 
 def _trains_on_gpus(config: Config) -> bool:
-    device = config.train.device
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {device!r}")
+    device = check_device_name(config.train.device)
     return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0.0) > 0)
 
 

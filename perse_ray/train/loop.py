@@ -60,11 +60,15 @@ class FrameSet:
         return FrameSet(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is this process's current GPU when it sees one (Ray Train pins one per worker), else the CPU."""
+def check_device_name(name: str) -> str:
     if name not in ("auto", "cpu", "cuda"):
         raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
-    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is this process's current GPU when it sees one (Ray Train pins one per worker), else the CPU."""
+    if check_device_name(name) == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but this process sees no CUDA GPU")
