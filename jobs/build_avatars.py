@@ -17,7 +17,6 @@ arguments (checked before Ray starts).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import (  # noqa: E402
-    add_config_arguments, connect_ray, fail, local_training_concurrency, training_table)
+    add_config_arguments, add_training_arguments, connect_ray, fail, training_options, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import local_num_cpus, resolve_models  # noqa: E402
 from perse_ray.portraits import InputError, discover_subjects  # noqa: E402
-from perse_ray.registry import validate_subject_id  # noqa: E402
 from perse_ray.synth.write import OutputError, check_output_dir  # noqa: E402
 
 
@@ -39,10 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; use absolute paths on a cluster)")
-    p.add_argument("--workers-per-subject", type=int, default=1, metavar="K",
-                   help="Ray Train workers (DDP ranks) per subject (default 1)")
-    p.add_argument("--subjects", default=None, metavar="ID,ID,...",
-                   help="train only these subjects (default: all that synthesize)")
+    add_training_arguments(p)
     add_config_arguments(p)
     return p.parse_args(argv)
 
@@ -55,10 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         synth_dir = check_output_dir(output / "synth", args.input)
         discovery = discover_subjects(args.input)
         resolve_models(cfg)
-        subjects = [validate_subject_id(s.strip()) for s in args.subjects.split(",")] if args.subjects else None
-        if args.workers_per_subject < 1:
-            raise ValueError("--workers-per-subject must be >= 1")
-    except (ConfigError, InputError, OutputError, ModelNotFoundError, ValueError) as e:
+    except (ConfigError, InputError, OutputError, ModelNotFoundError) as e:
         return fail(e, 2)
     print(f"{len(discovery.candidates)} portrait subject(s), {len(discovery.quarantined)} input(s) quarantined at "
           f"discovery; preset {cfg.preset}, config {cfg.hash()}", flush=True)
@@ -77,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds["synthesize"] = time.perf_counter() - t
         t = time.perf_counter()
         try:
-            results = train_subjects(synth_dir / "frames", output, cfg, args.workers_per_subject, subjects,
-                                     max_concurrent=local_training_concurrency(local),
-                                     log=lambda line: print(f"[train] {line}", flush=True))
+            results = train_subjects(synth_dir / "frames", output, cfg, **training_options(args, local, "[train] "))
         except RuntimeError as e:
             return fail(e, 1)
         seconds["train"] = time.perf_counter() - t
@@ -102,6 +92,7 @@ def write_build_report(output: Path, synth_dir: Path, results, figures) -> Path:
     """Gather subjects, frames, avatars and figures into the HTML report."""
     import pyarrow.parquet as pq
 
+    from perse_ray.avatar.io import load_avatar
     from perse_ray.evaluate import read_partition
     from perse_ray.registry import Registry, RegistryError
     from perse_ray.report import SubjectReport, write_report
@@ -121,9 +112,10 @@ def write_build_report(output: Path, synth_dir: Path, results, figures) -> Path:
                             row["source_path"], row["portrait_png"], frames, figures=figures.get(sid, {}))
         try:
             entry = registry.get(sid)
-            rep.avatar, rep.version = registry.load(sid), entry.version
-        except RegistryError:
-            pass
+        except RegistryError:  # not trained (failed, or left out with --subjects): reported without one
+            entry = None
+        if entry is not None:
+            rep.avatar, rep.version = load_avatar(entry.path), entry.version
         reports.append(rep)
     return write_report(output / "report", reports)
 

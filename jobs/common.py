@@ -39,11 +39,53 @@ def connect_ray(num_cpus: int | None = None, include_dashboard: bool | None = No
         ray.shutdown()
 
 
-def local_training_concurrency(local: bool, requested: int | None = None) -> int | None:
-    """Subjects training at once: as asked, else one per core on a local Ray (its logical CPUs are
-    raised above the cores for the synthesis actors; single-threaded trials beyond the cores only
-    take turns), else what the cluster's CPUs hold (None)."""
-    return requested or ((os.cpu_count() or 1) if local else None)
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be positive")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value" message
+    return parse
+
+
+def _subject_list(text: str) -> list[str]:
+    from perse_ray.schema import validate_subject_id
+
+    try:
+        return [validate_subject_id(s.strip()) for s in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``train_subjects`` (jobs/train.py and jobs/build_avatars.py share them)."""
+    parser.add_argument("--workers-per-subject", type=_positive(int), default=1, metavar="K",
+                        help="Ray Train workers (DDP ranks) per subject (default 1)")
+    parser.add_argument("--subjects", type=_subject_list, default=None, metavar="ID,ID,...",
+                        help="train only these subjects (default: every subject with frames)")
+    parser.add_argument("--max-concurrent", type=_positive(int), default=None, metavar="N",
+                        help="subjects training at once (default: one per core on a local Ray, else as many as "
+                             "the cluster's CPUs hold)")
+    parser.add_argument("--cpus-per-worker", type=_positive(float), default=0.5, metavar="C",
+                        help="logical CPUs each training process reserves (default 0.5)")
+    parser.add_argument("--gpus-per-worker", type=_positive(float), default=1.0, metavar="G",
+                        help="GPUs each training process reserves when training on GPUs (train.device=cuda, or "
+                             "auto on a cluster with GPUs); below 1 packs several subjects onto a GPU (default 1)")
+    parser.add_argument("--max-failures", type=int, default=2, metavar="N",
+                        help="restarts per subject after a worker or trial process dies (default 2)")
+
+
+def training_options(args: argparse.Namespace, local: bool, log_prefix: str = "") -> dict:
+    """``train_subjects`` keyword arguments from ``add_training_arguments``'s options. On a local Ray
+    one subject trains per core by default: its logical CPUs are raised above the cores for the
+    synthesis actors, and single-threaded trials beyond the cores only take turns."""
+    return {"workers_per_subject": args.workers_per_subject, "subjects": args.subjects,
+            "max_failures": args.max_failures, "cpus_per_worker": args.cpus_per_worker,
+            "gpus_per_worker": args.gpus_per_worker,
+            "max_concurrent": args.max_concurrent or ((os.cpu_count() or 1) if local else None),
+            "log": lambda line: print(f"{log_prefix}{line}", flush=True)}
 
 
 def fail(error: BaseException, code: int) -> int:

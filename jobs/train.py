@@ -22,9 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import (  # noqa: E402
-    add_config_arguments, connect_ray, fail, local_training_concurrency, training_table)
+    add_config_arguments, add_training_arguments, connect_ray, fail, training_options, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
-from perse_ray.registry import validate_subject_id  # noqa: E402
 from perse_ray.train.data import FramesError, frames_dir  # noqa: E402
 
 
@@ -33,20 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", required=True, help="output folder of jobs/synthesize.py (or its frames/ folder)")
     p.add_argument("--output", required=True, help="folder for avatars/ (the registry) and ray_train/ (created)")
-    p.add_argument("--workers-per-subject", type=int, default=1, metavar="K",
-                   help="Ray Train workers (DDP ranks) per subject (default 1)")
-    p.add_argument("--subjects", default=None, metavar="ID,ID,...",
-                   help="train only these subjects (default: every subject with frames)")
-    p.add_argument("--max-concurrent", type=int, default=None, metavar="N",
-                   help="subjects training at once (default: one per core on a local Ray, else as many as "
-                        "the cluster's CPUs hold)")
-    p.add_argument("--cpus-per-worker", type=float, default=0.5, metavar="C",
-                   help="logical CPUs each training process reserves (default 0.5)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, metavar="G",
-                   help="GPUs each training process reserves when training on GPUs (train.device=cuda, or auto "
-                        "on a cluster with GPUs); below 1 packs several subjects onto one GPU (default 1)")
-    p.add_argument("--max-failures", type=int, default=2, metavar="N",
-                   help="restarts per subject after a worker or trial process dies (default 2)")
+    add_training_arguments(p)
     add_config_arguments(p)
     return p.parse_args(argv)
 
@@ -56,13 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, args.set)
         frames_dir(args.frames)
-        subjects = [validate_subject_id(s.strip()) for s in args.subjects.split(",")] if args.subjects else None
         output = Path(args.output).expanduser().resolve()
         if output.exists() and not output.is_dir():
             raise ValueError(f"output {output} exists and is not a folder")
-        if min(args.workers_per_subject, args.cpus_per_worker, args.gpus_per_worker, args.max_concurrent or 1) <= 0:
-            raise ValueError("--workers-per-subject, --cpus-per-worker, --gpus-per-worker and --max-concurrent "
-                             "must be positive")
     except (ConfigError, FramesError, ValueError) as e:
         return fail(e, 2)
     print(f"preset {cfg.preset}, config {cfg.hash()}, {args.workers_per_subject} worker(s) per subject, "
@@ -72,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with connect_ray() as local:
         try:
-            results = train_subjects(args.frames, output, cfg, args.workers_per_subject, subjects,
-                                     max_failures=args.max_failures,
-                                     max_concurrent=local_training_concurrency(local, args.max_concurrent),
-                                     cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
-                                     log=lambda line: print(line, flush=True))
+            results = train_subjects(args.frames, output, cfg, **training_options(args, local))
         except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
             return fail(e, 1)
     print(training_table(results))

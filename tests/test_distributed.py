@@ -229,3 +229,17 @@ def test_the_job_refuses_a_missing_frames_folder_before_starting_ray(tmp_path):
     assert run.returncode == 2 and "does not exist" in run.stderr, run.stderr
     assert not (tmp_path / "out").exists()
     assert run.stdout == ""
+
+
+@pytest.mark.parametrize("job", ["train.py", "build_avatars.py"])
+@pytest.mark.parametrize("option, value, message", [
+    ("--subjects", "alice,../etc", "invalid subject id"),
+    ("--gpus-per-worker", "0", "must be positive"),
+    ("--workers-per-subject", "two", "invalid int value"),
+])
+def test_both_jobs_check_the_training_options_before_starting_ray(tmp_path, job, option, value, message):
+    inputs = ["--frames", str(tmp_path)] if job == "train.py" else ["--input", str(tmp_path)]
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / job), *inputs, "--output", str(tmp_path / "out"),
+                          option, value], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and option in run.stderr and message in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
