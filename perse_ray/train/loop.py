@@ -142,8 +142,9 @@ def split_holdout(frames: FrameSet, fraction: float, seed: int) -> tuple[torch.T
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """This process's place in an initialised ``torch.distributed`` group. ``train_avatar`` then
-    trains on its own slice of every step's batch, averages gradients over the group, keeps the
-    relocation statistics identical on every rank, and writes checkpoints on rank 0 only."""
+    trains on its own slice of every step's batch, averages gradients over the group, merges the
+    ranks' relocation statistics wherever they are used (relocation, checkpoints), and writes
+    checkpoints on rank 0 only."""
 
     rank: int
     world_size: int
@@ -285,9 +286,11 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         optimizer.step()
         step += 1
         peak_opacity = torch.maximum(peak_opacity, g["opacities"].detach().amax(dim=0))
-        if parallel:
-            parallel.max_(peak_opacity)
-        if tcfg.relocate_every and step % tcfg.relocate_every == 0 and step < 0.8 * tcfg.steps:
+        relocate_now = tcfg.relocate_every and step % tcfg.relocate_every == 0 and step < 0.8 * tcfg.steps
+        checkpoint_now = ckpt_root and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps)
+        if parallel and (relocate_now or checkpoint_now):
+            parallel.max_(peak_opacity)  # ranks agree where it is used, with one collective per use, not per step
+        if relocate_now:
             relocate_dead(model, optimizer, peak_opacity, tcfg.dead_opacity, gen)
             peak_opacity.zero_()
         if step % tcfg.log_every == 0 or step == tcfg.steps:
@@ -298,7 +301,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
             if on_log:
                 on_log(record, model)
         bar.update(1)
-        if ckpt_root and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps):
+        if checkpoint_now:
             path = _save_checkpoint(ckpt_root, step, _make_avatar(model, config, {}, subject_id), optimizer, gen,
                                     peak_opacity, history, time.perf_counter() - t0) if rank == 0 else None
             if on_checkpoint:
