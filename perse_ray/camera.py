@@ -22,16 +22,25 @@ def intrinsics(width: int, height: int, fov_deg: float) -> np.ndarray:
 
 
 def orbit_viewmat(yaw_deg: float, pitch_deg: float, distance: float) -> np.ndarray:
-    """4x4 world-to-camera matrix of a camera on a sphere of radius ``distance`` looking at the origin."""
+    """4x4 world-to-camera matrix of a camera on a sphere of radius ``distance`` looking at the origin.
+
+    The camera's down axis is the world's down as seen in the image: its right axis is the yaw's
+    horizontal axis (cos yaw, 0, sin yaw), which is what cross(world down, forward) normalises to
+    for every |pitch| < 90. Taking it directly keeps the view defined and orthonormal at exactly
+    ±90 (straight above or below, where that cross product vanishes): the limit from inside.
+    Beyond ±90 the camera has passed over the pole and right flips, so the image stays upright.
+    The side is decided on the degrees: radians(90) rounds a float32 90 past pi/2 (cos < 0), which
+    flipped the view at exactly 90 before.
+    """
     yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
     # Camera centre: front view is (0, 0, -distance); y is down, so looking from above is -y.
     centre = distance * np.array([math.sin(yaw) * math.cos(pitch), -math.sin(pitch),
                                   -math.cos(yaw) * math.cos(pitch)])
-    forward = -centre / np.linalg.norm(centre)  # camera +z
-    down = np.array([0.0, 1.0, 0.0])
-    right = np.cross(down, forward)  # camera +x
-    right /= np.linalg.norm(right)
-    down = np.cross(forward, right)  # camera +y
+    forward = np.array([-math.sin(yaw) * math.cos(pitch), math.sin(pitch),
+                        math.cos(yaw) * math.cos(pitch)])  # camera +z, towards the origin
+    over_the_pole = abs((float(pitch_deg) + 180.0) % 360.0 - 180.0) > 90.0  # not cos(pitch) < 0: float
+    right = (-1.0 if over_the_pole else 1.0) * np.array([math.cos(yaw), 0.0, math.sin(yaw)])  # camera +x
+    down = np.cross(forward, right)  # camera +y; unit: forward and right are orthonormal
     rot = np.stack([right, down, forward])  # rows: camera axes in world coordinates
     view = np.eye(4)
     view[:3, :3] = rot

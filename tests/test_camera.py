@@ -1,0 +1,71 @@
+"""Camera conventions: the orbit camera everywhere on its sphere, and pixel centres shared by the
+classical animator (integer-indexed image arrays) and the renderer (continuous, centres at +0.5)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from perse_ray.camera import intrinsics, orbit_viewmat
+
+DISTANCE = 0.65
+
+
+def _upright_view(yaw_deg: float, pitch_deg: float, distance: float) -> np.ndarray:
+    """Independent look-at for |pitch| < 90: camera down = world down projected onto the image plane."""
+    yaw, pitch = math.radians(yaw_deg), math.radians(pitch_deg)
+    centre = distance * np.array([math.sin(yaw) * math.cos(pitch), -math.sin(pitch), -math.cos(yaw) * math.cos(pitch)])
+    forward = -centre / np.linalg.norm(centre)
+    world_down = np.array([0.0, 1.0, 0.0])
+    down = world_down - (world_down @ forward) * forward
+    down /= np.linalg.norm(down)
+    rot = np.stack([np.cross(down, forward), down, forward])
+    view = np.eye(4)
+    view[:3, :3], view[:3, 3] = rot, -rot @ centre
+    return view
+
+
+def _check_view(view: np.ndarray, distance: float):
+    rot = view[:3, :3].astype(np.float64)
+    assert np.isfinite(view).all()
+    np.testing.assert_allclose(rot @ rot.T, np.eye(3), atol=1e-6)
+    assert np.linalg.det(rot) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(view[:3, 3], [0.0, 0.0, distance], atol=1e-6)  # looks at the origin
+    np.testing.assert_allclose(view[3], [0, 0, 0, 1])
+
+
+@pytest.mark.parametrize("yaw", [-150.0, -30.0, 0.0, 20.0, 90.0])
+@pytest.mark.parametrize("pitch", [-85.0, -40.0, -5.0, 0.0, 12.0, 60.0, 85.0])
+def test_orbit_view_is_the_upright_look_at(yaw, pitch):
+    view = orbit_viewmat(yaw, pitch, DISTANCE)
+    _check_view(view, DISTANCE)
+    np.testing.assert_allclose(view, _upright_view(yaw, pitch, DISTANCE), atol=1e-6)
+
+
+@pytest.mark.parametrize("yaw", [0.0, 33.0, -120.0, 180.0])
+@pytest.mark.parametrize("pole", [90.0, -90.0])
+def test_orbit_view_at_and_near_the_poles(yaw, pole):
+    sign = math.copysign(1.0, pole)
+    at = orbit_viewmat(yaw, pole, DISTANCE)
+    _check_view(at, DISTANCE)
+    # Straight above (+90) or below (-90): the camera sits on the vertical axis and looks along it.
+    np.testing.assert_allclose(at[2, :3], [0.0, sign, 0.0], atol=1e-6)
+    # The yaw still turns the image there, as it does just inside the pole: the limit is taken.
+    np.testing.assert_allclose(at[0, :3], [math.cos(math.radians(yaw)), 0.0, math.sin(math.radians(yaw))], atol=1e-6)
+    for inside in (1e-9, 1e-6, 1e-3):
+        near = orbit_viewmat(yaw, pole - sign * inside, DISTANCE)
+        _check_view(near, DISTANCE)
+        np.testing.assert_allclose(near, at, atol=2 * math.radians(inside) + 1e-6)
+    # The same pole named by another turn (±270, ±450, ...) is the same camera and the same view:
+    # the side of the pole is not left to the rounding sign of cos(pitch), which is 0 there.
+    for turns in (-2, -1, 1, 2):
+        np.testing.assert_allclose(orbit_viewmat(yaw, pole + 360.0 * turns, DISTANCE), at, atol=1e-6)
+
+
+def test_orbit_view_over_the_pole_stays_upright():
+    # Past +90 the camera has crossed the top: the view is the upright one of the mirrored position.
+    over = orbit_viewmat(30.0, 120.0, DISTANCE)
+    _check_view(over, DISTANCE)
+    np.testing.assert_allclose(over, _upright_view(30.0 + 180.0, 60.0, DISTANCE), atol=1e-6)
