@@ -69,3 +69,74 @@ def test_orbit_view_over_the_pole_stays_upright():
     over = orbit_viewmat(30.0, 120.0, DISTANCE)
     _check_view(over, DISTANCE)
     np.testing.assert_allclose(over, _upright_view(30.0 + 180.0, 60.0, DISTANCE), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- pixel centres
+
+
+@pytest.fixture(scope="module")
+def astronaut_landmarks():
+    from skimage import data
+
+    from perse_ray.config import FacesConfig
+    from perse_ray.faces import align, load_face_model
+
+    image = data.astronaut()
+    return align(image, load_face_model(FacesConfig()).detect(image)[0], PORTRAIT_SIZE)[1]
+
+
+PORTRAIT_SIZE = 128  # the cpu preset's frame size
+
+
+def _rendered_centres(points: np.ndarray, poses, size: int, camera) -> np.ndarray:
+    """Where the renderer draws each 3D point in the image array: the alpha-weighted centroid, in
+    array index coordinates (pixel [i, j] at x = j, y = i), of a small round Gaussian placed there
+    alone: [P, C, 2]."""
+    import torch
+
+    from perse_ray.render import rasterize
+
+    n = len(points)
+    means = torch.as_tensor(points, dtype=torch.float64).reshape(n, 1, 3)
+    views = torch.from_numpy(np.stack([orbit_viewmat(y, p, camera.distance) for y, p in poses])).double()
+    K = torch.from_numpy(intrinsics(size, size, camera.fov_deg)).double()
+    _, alphas, meta = rasterize(
+        means, torch.tensor([1.0, 0, 0, 0], dtype=torch.float64).expand(n, 1, 4),
+        torch.full((n, 1, 3), 0.004, dtype=torch.float64), torch.full((n, 1), 0.5, dtype=torch.float64),
+        torch.ones(n, 1, 1, dtype=torch.float64), views.expand(n, -1, -1, -1), K.expand(n, len(poses), 3, 3),
+        size, size, backend="cpu")
+    a = alphas[..., 0].numpy()  # [P, C, H, W]
+    assert (a[..., 0, :] == 0).all() and (a[..., -1, :] == 0).all()  # whole footprints inside the image
+    assert (a[..., :, 0] == 0).all() and (a[..., :, -1] == 0).all()
+    ys, xs = np.mgrid[0:size, 0:size]
+    mass = a.sum((-2, -1))
+    centres = np.stack([(a * xs).sum((-2, -1)) / mass, (a * ys).sum((-2, -1)) / mass], -1)
+    # The footprints are big enough (sigma ~1.7 px) for the sampled centroid to be the projected
+    # mean: in the renderer's continuous coordinates pixel centres are at +0.5.
+    np.testing.assert_allclose(centres, meta["means2d"][:, :, 0].numpy() - 0.5, atol=0.01)
+    return centres
+
+
+def test_animator_landmarks_land_where_the_renderer_draws_them(astronaut_landmarks):
+    """The animator warps image arrays (cv2.remap, its rasterizer, dlib's landmarks: pixel centres
+    at integers); the renderer the avatar learns with puts them at +0.5. A landmark the animator
+    moves must land where the renderer draws the 3D point the animator put it at, or every frame is
+    shifted against the avatar's renders."""
+    from perse_ray.synth.classical.animator import Camera, landmarks_in_world, move_landmarks
+    from perse_ray.synth.motion import MotionFrame
+
+    from perse_ray.config import RenderConfig
+
+    camera = Camera(RenderConfig().fov_deg, RenderConfig().distance)
+    lm = astronaut_landmarks
+    frames = [MotionFrame(0, 0.0, 0.0, {}), MotionFrame(1, 25.0, -10.0, {"smile": 0.6}),
+              MotionFrame(2, -30.0, 12.0, {"jaw_open": 0.8, "brow_raise": 0.5})]
+    worst = 0.0
+    for frame in frames:
+        points = landmarks_in_world(lm, frame.expression, PORTRAIT_SIZE, camera)
+        drawn = _rendered_centres(points, [(frame.yaw, frame.pitch)], PORTRAIT_SIZE, camera)[:, 0]
+        moved = move_landmarks(lm, frame, PORTRAIT_SIZE, camera)
+        if frame.yaw == frame.pitch == 0 and not frame.expression:
+            np.testing.assert_allclose(moved, lm, atol=1e-3)  # the front view keeps the portrait's own
+        worst = max(worst, float(np.abs(moved - drawn).max()))
+    assert worst < 0.1, f"animator and renderer disagree by {worst:.3f} px"

@@ -77,11 +77,16 @@ class _Head:
 
     The world origin is where the orbit camera looks: the image centre at the head centre's depth,
     so one pixel there is D / f metres.
+
+    Pixels here are image-array coordinates, as cv2.remap, the rasterizer below and dlib's
+    landmarks use them: pixel [i, j] is centred at (x, y) = (j, i). The intrinsics (and the
+    renderer) put that centre at (j + 0.5, i + 0.5), so the principal point here is K's minus 0.5:
+    the one place the two conventions meet.
     """
 
     def __init__(self, frame: FaceFrame, size: int, camera: Camera):
         k = intrinsics(size, size, camera.fov_deg).astype(np.float64)
-        self.f, self.c, self.dist = float(k[0, 0]), float(k[0, 2]), float(camera.distance)
+        self.f, self.c, self.dist = float(k[0, 0]), float(k[0, 2]) - 0.5, float(camera.distance)
         metres_per_px = self.dist / self.f
         self.unit = frame.iod * metres_per_px  # one iod in metres
         centre = frame.to_image(np.array(HEAD_CENTRE))
@@ -193,12 +198,19 @@ def _expressed(landmarks: np.ndarray, frame: FaceFrame, expression: dict[str, fl
     return frame.to_image(face)
 
 
-def move_landmarks(landmarks: np.ndarray, frame: MotionFrame, size: int, camera: Camera = Camera()) -> np.ndarray:
-    """Where the 68 landmarks land in ``frame`` (expression, then head pose): float32 [68, 2]."""
+def landmarks_in_world(landmarks: np.ndarray, expression: dict[str, float], size: int,
+                       camera: Camera = Camera()) -> np.ndarray:
+    """The 3D points (world metres, ``perse_ray.camera`` axes) the animator puts the 68 landmarks
+    of an aligned ``size``-square portrait at, with ``expression`` applied: float64 [68, 3]."""
     lm = np.asarray(landmarks, np.float64)
     face = FaceFrame.from_landmarks(lm)
-    head = _Head(face, size, camera)
-    uv, _ = head.project(head.lift(_expressed(lm, face, frame.expression), LANDMARK_DEPTH), head.view(frame))
+    return _Head(face, size, camera).lift(_expressed(lm, face, expression), LANDMARK_DEPTH)
+
+
+def move_landmarks(landmarks: np.ndarray, frame: MotionFrame, size: int, camera: Camera = Camera()) -> np.ndarray:
+    """Where the 68 landmarks land in ``frame`` (expression, then head pose): float32 [68, 2]."""
+    head = _Head(FaceFrame.from_landmarks(np.asarray(landmarks, np.float64)), size, camera)
+    uv, _ = head.project(landmarks_in_world(landmarks, frame.expression, size, camera), head.view(frame))
     return uv.astype(np.float32)
 
 
