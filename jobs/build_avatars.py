@@ -8,10 +8,11 @@ Stages: synthesize (<output>/synth: aligned portraits, edits, animations, morphs
 filter) → train one avatar per subject (<output>/avatars, the registry Serve reads) → evaluate
 (<output>/eval) → report (<output>/report/index.html). Every stage skips finished work, so a
 re-run with the same input, output and config does nothing new and a killed run resumes; new
-portraits added to the folder are processed alone. Connects to RAY_ADDRESS (or the job's
-cluster under `ray job submit`) when set, else starts a local Ray. Exit 0 when every subject
-finished or was quarantined/failed with a reason; 1 on a job-level error; 2 for unusable
-arguments (checked before Ray starts).
+portraits added to the folder are processed alone. Each stage keys its outputs by the hash of
+what changes them: a new training setting (--set train.steps=…) reuses every synthesized frame,
+and the machine section (actors, CPUs, device, …) is in no hash. Two builds on one output at once
+train each subject once. Connects to RAY_ADDRESS (or the job's cluster under `ray job submit`)
+when set, else starts a local Ray.
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import (  # noqa: E402
-    add_config_arguments, add_training_arguments, connect_ray, fail, training_options, training_table)
+    EXIT_CODES, add_config_arguments, add_training_arguments, connect_ray, exit_code, fail, training_options,
+    training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import local_num_cpus, resolve_models  # noqa: E402
 from perse_ray.portraits import InputError, discover_subjects  # noqa: E402
 from perse_ray.synth.write import OutputError, check_output_dir  # noqa: E402
+from perse_ray.train.data import check_workers  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="build_avatars.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 1)[1] + "\nexit codes:\n" + EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; use absolute paths on a cluster)")
     add_training_arguments(p)
@@ -50,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         synth_dir = check_output_dir(output / "synth", args.input)
         discovery = discover_subjects(args.input)
         resolve_models(cfg)
-    except (ConfigError, InputError, OutputError, ModelNotFoundError) as e:
+        check_workers(cfg, args.workers_per_subject)
+    except (ConfigError, InputError, OutputError, ModelNotFoundError, ValueError) as e:
         return fail(e, 2)
     print(f"{len(discovery.candidates)} portrait subject(s), {len(discovery.quarantined)} input(s) quarantined at "
-          f"discovery; preset {cfg.preset}, config {cfg.hash()}", flush=True)
+          f"discovery; preset {cfg.preset}, synthesis config {cfg.synthesis_hash()}, training config "
+          f"{cfg.training_hash()}", flush=True)
 
     from perse_ray.evaluate import evaluate_registry
     from perse_ray.pipeline import synthesize
@@ -63,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     with connect_ray(local_num_cpus(cfg)) as local:
         t = time.perf_counter()
         try:
-            synthesize(cfg, discovery, synth_dir, log=lambda line: print(f"[synth] {line}", flush=True))
+            summary = synthesize(cfg, discovery, synth_dir, log=lambda line: print(f"[synth] {line}", flush=True))
         except (OutputError, RuntimeError) as e:
             return fail(e, 1)
         seconds["synthesize"] = time.perf_counter() - t
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
     print(f"report: {index}")
     print(f"serve it: PERSE_REGISTRY={output / 'avatars'} serve run serve/config.yaml")
-    return 0 if all(r.status in ("done", "skipped") or r.reason for r in results) else 1
+    return exit_code(results, summary["failed"])
 
 
 def write_build_report(output: Path, synth_dir: Path, results, figures) -> Path:

@@ -1,4 +1,13 @@
-"""What every job shares: config arguments, connecting to Ray, reporting a failure."""
+"""What every job shares: config arguments, connecting to Ray, reporting a failure, exit codes.
+
+Exit codes of the build jobs (synthesize, train, build_avatars):
+    0  every subject finished, was skipped as already done, or was turned down at ingest with a
+       reason (no face, not an image, …: outcomes, not failures)
+    1  a job-level error (the cluster cannot hold the work, the output is unusable, …)
+    2  unusable arguments, found before Ray starts
+    3  some subjects failed (a synthesis stage error, all frames dropped, a training error); the
+       others finished, and each failure is printed with its reason
+"""
 
 from __future__ import annotations
 
@@ -71,10 +80,13 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=_positive(float), default=0.5, metavar="C",
                         help="logical CPUs each training process reserves (default 0.5)")
     parser.add_argument("--gpus-per-worker", type=_positive(float), default=1.0, metavar="G",
-                        help="GPUs each training process reserves when training on GPUs (train.device=cuda, or "
+                        help="GPUs each training process reserves when training on GPUs (machine.device=cuda, or "
                              "auto on a cluster with GPUs); below 1 packs several subjects onto a GPU (default 1)")
     parser.add_argument("--max-failures", type=int, default=2, metavar="N",
                         help="restarts per subject after a worker or trial process dies (default 2)")
+    parser.add_argument("--lease-ttl", type=_positive(float), default=60.0, metavar="S",
+                        help="seconds after which a killed job's hold on a subject expires, so another job "
+                             "may train it (default 60; live jobs renew theirs every S/4)")
 
 
 def training_options(args: argparse.Namespace, local: bool, log_prefix: str = "") -> dict:
@@ -83,9 +95,27 @@ def training_options(args: argparse.Namespace, local: bool, log_prefix: str = ""
     synthesis actors, and single-threaded trials beyond the cores only take turns."""
     return {"workers_per_subject": args.workers_per_subject, "subjects": args.subjects,
             "max_failures": args.max_failures, "cpus_per_worker": args.cpus_per_worker,
+            "lease_ttl_s": args.lease_ttl,
             "gpus_per_worker": args.gpus_per_worker,
             "max_concurrent": args.max_concurrent or ((os.cpu_count() or 1) if local else None),
             "log": lambda line: print(f"{log_prefix}{line}", flush=True)}
+
+
+SUBJECTS_FAILED = 3
+EXIT_CODES = __doc__.split("Exit codes of the build jobs (synthesize, train, build_avatars):\n", 1)[1]
+
+
+def check_frames(frames_root, config, args: argparse.Namespace) -> None:
+    """Before Ray starts: the frames folder exists, the worker count splits the batch, and some
+    partition was made by this synthesis config (else every subject would be refused)."""
+    from perse_ray.train.data import FramesError, check_workers, discover
+
+    check_workers(config, args.workers_per_subject)
+    found = discover(frames_root, args.subjects, config)
+    if found and not any(f.trainable for f in found):
+        mismatch = [f.problem for f in found if "synthesis config" in f.problem]
+        if len(mismatch) == len(found):
+            raise FramesError(f"no subject can train: {mismatch[0]}")
 
 
 def fail(error: BaseException, code: int) -> int:
@@ -107,3 +137,12 @@ def training_table(results) -> str:
     skipped = sum(r.status == "skipped" for r in results)
     lines.append(f"{done} trained, {skipped} skipped (already in the registry), {len(results) - done - skipped} failed")
     return "\n".join(lines)
+
+
+def exit_code(training_results=(), synthesis_failed: dict[str, str] | None = None) -> int:
+    """0, or ``SUBJECTS_FAILED`` (printing each failure) when a subject failed in any stage."""
+    failures = dict(synthesis_failed or {})
+    failures.update((r.subject_id, r.reason or "failed") for r in training_results if r.status == "failed")
+    for sid, reason in sorted(failures.items()):
+        print(f"failed: {sid}: {reason}", file=sys.stderr)
+    return SUBJECTS_FAILED if failures else 0

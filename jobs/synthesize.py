@@ -5,9 +5,9 @@
 Each image at the top of --input is one subject; each sub-folder is one subject with several
 images (the best face is kept). Writes --output/subjects.parquet (every input, ok or quarantined
 with a reason), --output/frames/subject_id=<id>/part-*.parquet, motion.json and summary.json.
-Re-running on the same output skips subjects already complete for the same config. Connects to
-RAY_ADDRESS when set, else starts a local Ray. Exit 0 when every subject is ok or quarantined
-with a reason; 2 for unusable arguments (checked before Ray starts).
+Re-running on the same output skips subjects already complete for the same synthesis settings
+(faces, synth, camera: training and machine settings do not matter here). Connects to
+RAY_ADDRESS when set, else starts a local Ray.
 """
 
 from __future__ import annotations
@@ -17,11 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs.common import add_config_arguments, connect_ray, fail  # noqa: E402
+from jobs.common import EXIT_CODES, add_config_arguments, connect_ray, exit_code, fail  # noqa: E402
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import local_num_cpus, resolve_models, synthesize  # noqa: E402
@@ -31,7 +29,8 @@ from perse_ray.synth.write import OutputError, check_output_dir  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="synthesize.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2] + "\nexit codes:\n" + EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; must not be inside --input)")
     add_config_arguments(p)
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, InputError, OutputError, ModelNotFoundError) as e:
         return fail(e, 2)
     print(f"{len(discovery.candidates)} subject(s) to synthesize, {len(discovery.quarantined)} input(s) "
-          f"quarantined at discovery; preset {cfg.preset}, config {cfg.hash()}", flush=True)
+          f"quarantined at discovery; preset {cfg.preset}, synthesis config {cfg.synthesis_hash()}", flush=True)
 
     with connect_ray(local_num_cpus(cfg), include_dashboard=False):
         try:
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             return fail(e, 1)
     print(json.dumps({k: summary[k] for k in ("subjects", "reasons", "frames", "seconds_per_stage",
                                                "wall_seconds")}, indent=1))
-    rows = pq.read_table(output / "subjects.parquet", columns=["status", "reason"]).to_pylist()
-    accounted = all(r["status"] == "ok" or (r["status"] == "quarantined" and r["reason"]) for r in rows)
-    return 0 if accounted else 1
+    return exit_code(synthesis_failed=summary["failed"])
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ kept frames only). A Ray Tune grid runs the subjects side by side; each subject 
 Train DDP over --workers-per-subject workers (one worker: the loop runs in the trial itself).
 Avatars go to --output/avatars (the registry), Ray's run state (checkpoints, Tune's experiment)
 to --output/ray_train. Re-running the same command skips subjects already in the registry for
-this config and resumes unfinished ones from their last checkpoint. Connects to RAY_ADDRESS when
-set, else starts a local Ray. Exit 0 when every subject trained, was skipped, or failed with a
-reason (e.g. all its frames dropped); 1 on a job-level error; 2 for unusable arguments (checked
-before Ray starts).
+this training config and resumes unfinished ones from their last checkpoint; frames made by
+another synthesis config are refused. Two jobs on one output never train a subject twice (the
+second waits for the first, then skips it). Connects to RAY_ADDRESS when set, else starts a
+local Ray.
 """
 
 from __future__ import annotations
@@ -22,14 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import (  # noqa: E402
-    add_config_arguments, add_training_arguments, connect_ray, fail, training_options, training_table)
+    EXIT_CODES, add_config_arguments, add_training_arguments, check_frames, connect_ray, exit_code, fail,
+    training_options, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
-from perse_ray.train.data import FramesError, frames_dir  # noqa: E402
+from perse_ray.train.data import FramesError  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=__doc__.split("\n\n", 2)[2] + "\nexit codes:\n" + EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--frames", required=True, help="output folder of jobs/synthesize.py (or its frames/ folder)")
     p.add_argument("--output", required=True, help="folder for avatars/ (the registry) and ray_train/ (created)")
     add_training_arguments(p)
@@ -41,13 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.preset, args.set)
-        frames_dir(args.frames)
+        check_frames(args.frames, cfg, args)
         output = Path(args.output).expanduser().resolve()
         if output.exists() and not output.is_dir():
             raise ValueError(f"output {output} exists and is not a folder")
     except (ConfigError, FramesError, ValueError) as e:
         return fail(e, 2)
-    print(f"preset {cfg.preset}, config {cfg.hash()}, {args.workers_per_subject} worker(s) per subject, "
+    print(f"preset {cfg.preset}, training config {cfg.training_hash()}, {args.workers_per_subject} worker(s) per subject, "
           f"{cfg.train.steps} steps", flush=True)
 
     from perse_ray.train.distributed import train_subjects
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:  # e.g. a subject's workers that cannot fit the cluster
             return fail(e, 1)
     print(training_table(results))
-    return 0 if all(r.status in ("done", "skipped") or r.reason for r in results) else 1
+    return exit_code(results)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,19 @@
     cfg = load_config("cpu", overrides=["train.steps=200", "avatar.num_gaussians=5000"])
 
 Presets live in ``configs/<name>.yaml`` and only hold the values that differ from the defaults
-below. Unknown keys, wrong types and unknown presets raise ``ConfigError`` naming the key and
-the choices, so a typo never silently trains with a default.
+below. Unknown keys, wrong types, values outside a field's choices (``Literal`` fields) and
+unknown presets raise ``ConfigError`` naming the key and the choices, so a typo never silently
+trains with a default and never reaches a Ray actor.
+
+*What* is computed and *where* it runs are kept apart. Every section but ``machine`` says what
+is computed; ``machine`` says where and how (actors, CPUs, GPUs, device, kernel, logging and
+checkpoint cadence) and is in no hash. Each stage's outputs are keyed by the hash of what
+changes them:
+
+    synthesis_hash()   faces + synth + the camera geometry (render.fov_deg, render.distance)
+    training_hash()    synthesis_hash + avatar + train + render.width/height
+
+so changing ``train.steps`` reuses every synthesized frame, and moving a job to GPUs reuses both.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -62,8 +73,8 @@ def _default_attributes() -> list[AttributeSpec]:
 
 @dataclass
 class FacesConfig:
-    backend: str = "dlib"  # dlib | insightface
-    detector: str = "hog"  # dlib: hog | cnn
+    backend: Literal["dlib", "insightface"] = "dlib"
+    detector: Literal["hog", "cnn"] = "hog"  # dlib's detector
     upsample: int = 1  # dlib detector upsampling passes
     min_score: float = 0.25  # dlib: weaker detections are dropped (the astronaut's false one scores 0.12)
     model: str = "buffalo_l"  # insightface model pack name or local directory
@@ -88,9 +99,9 @@ class SynthConfig:
     attributes: list[AttributeSpec] = field(default_factory=_default_attributes)
     morph_alphas: list[float] = field(default_factory=lambda: [0.25, 0.75])
     motion: MotionConfig = field(default_factory=MotionConfig)
-    edit_backend: str = "classical"  # classical | instruct_pix2pix
-    animate_backend: str = "classical"  # classical | controlnet
-    morph_backend: str = "exact"  # exact | diffusion
+    edit_backend: Literal["classical", "instruct_pix2pix"] = "classical"
+    animate_backend: Literal["classical", "controlnet"] = "classical"
+    morph_backend: Literal["exact", "diffusion"] = "exact"
     edit_model: str = "timbrooks/instruct-pix2pix"
     animate_model: str = "runwayml/stable-diffusion-v1-5"
     controlnet_model: str = "CrucibleAI/ControlNetMediaPipeFace"
@@ -98,10 +109,6 @@ class SynthConfig:
     guidance_scale: float = 7.5
     image_guidance_scale: float = 1.5
     seed: int = 0
-    batch_size: int = 4  # rows per actor call (integer: GPU stages need one)
-    actors_per_stage: int = 1
-    cpus_per_actor: float = 0.5  # fractional: whole-CPU actors starve the readers on 2 cores
-    gpus_per_actor: float = 0.0
     max_image_pixels: int = 40_000_000  # decompression-bomb cap
     max_input_side: int = 2048  # larger inputs are downscaled before detection
 
@@ -118,22 +125,21 @@ class AvatarConfig:
     init_scale: float = 0.008
     backdrop: bool = True  # learn a camera-fixed 2D background (the 2D animator keeps it fixed)
     backdrop_res: int = 32
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # behind the Gaussians without a backdrop
 
 
 @dataclass
 class RenderConfig:
-    backend: str = "auto"  # auto | gsplat | cpu | torch
-    width: int = 64
+    width: int = 64  # the avatar's training resolution
     height: int = 64
     fov_deg: float = 30.0
     distance: float = 0.65  # camera distance from the head centre, metres (a head fills ~2/3 of the view)
-    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
 
 @dataclass
 class TrainConfig:
     steps: int = 2000
-    batch_size: int = 4  # frames per step
+    batch_size: int = 4  # frames per step, split across the DDP ranks (the result does not depend on them)
     lr_means: float = 3e-4  # metres per step at the start
     lr_scales: float = 5e-3
     lr_quats: float = 2e-3
@@ -146,27 +152,26 @@ class TrainConfig:
     lr_final_ratio: float = 0.1  # every learning rate decays exponentially to this fraction
     lambda_ssim: float = 0.2
     lambda_lpips: float = 0.0  # > 0 needs real LPIPS backbone weights (gpu preset)
-    lambda_identity: float = 0.0
     lambda_latent: float = 1e-4
     lambda_interp: float = 1.0
     relocate_every: int = 100
     dead_opacity: float = 0.005  # a Gaussian below this opacity for every recent latent is dead
-    checkpoint_every: int = 500
     holdout_fraction: float = 0.1
     seed: int = 0
-    log_every: int = 50
-    device: str = "auto"  # auto (cuda when this process sees a GPU, else cpu) | cpu | cuda
 
 
 @dataclass
-class ServeConfig:
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.01
-    max_avatars_per_replica: int = 4
-    max_side: int = 1024
-    min_side: int = 16
-    max_body_bytes: int = 65_536
-    num_gpus: float = 0.0
+class MachineConfig:
+    """Where and how the work runs. In no hash: the same config gives the same result anywhere."""
+
+    synth_batch_size: int = 4  # rows per synthesis actor call (integer: GPU stages need one)
+    actors_per_stage: int = 1
+    cpus_per_actor: float = 0.5  # fractional: whole-CPU actors starve the readers on 2 cores
+    gpus_per_actor: float = 0.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # training; auto: cuda when the process sees a GPU
+    render_backend: Literal["auto", "gsplat", "cpu", "torch"] = "auto"  # training's rasterizer (exact equals)
+    log_every: int = 50
+    checkpoint_every: int = 500
 
 
 @dataclass
@@ -177,18 +182,51 @@ class Config:
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     render: RenderConfig = field(default_factory=RenderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+    machine: MachineConfig = field(default_factory=MachineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Stable short hash of every value that shapes a result (not where it runs): outputs made
-        with another config are not reused."""
-        values = self.to_dict()
-        del values["train"]["device"]
-        blob = json.dumps(values, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:12]
+    def synthesis_hash(self) -> str:
+        """What changes the synthesized frames: faces, synth and the camera geometry."""
+        d = self.to_dict()
+        return _digest({"scheme": 2, "faces": d["faces"], "synth": d["synth"],
+                        "camera": {k: d["render"][k] for k in ("fov_deg", "distance")}})
+
+    def training_hash(self) -> str:
+        """What changes a trained avatar: its frames (the synthesis hash), avatar, train and the
+        render size. The DDP worker count is not in it: ranks split one global batch."""
+        d = self.to_dict()
+        return _digest({"scheme": 2, "synthesis": self.synthesis_hash(), "avatar": d["avatar"],
+                        "train": d["train"], "render": {k: d["render"][k] for k in ("width", "height")}})
+
+    def legacy_hash(self) -> str:
+        """The single hash perse-ray wrote before stage hashes (every section but the device, with
+        the old section layout), so outputs made then are recognised and reused, not redone."""
+        d = self.to_dict()
+        m = d.pop("machine")
+        d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],
+                          cpus_per_actor=m["cpus_per_actor"], gpus_per_actor=m["gpus_per_actor"])
+        d["render"] = {"backend": m["render_backend"], **d["render"], "background": d["avatar"].pop("background")}
+        d["train"].update(lambda_identity=0.0, checkpoint_every=m["checkpoint_every"], log_every=m["log_every"])
+        d["serve"] = dict(_LEGACY_SERVE, **_LEGACY_SERVE_BY_PRESET.get(self.preset, {}))
+        return _digest(d)
+
+
+def _digest(values: dict) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The serve section the old config tree carried (Serve never read it, but it was hashed).
+_LEGACY_SERVE = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01, "max_avatars_per_replica": 4, "max_side": 1024,
+                 "min_side": 16, "max_body_bytes": 65_536, "num_gpus": 0.0}
+_LEGACY_SERVE_BY_PRESET = {"gpu": {"num_gpus": 0.5, "max_batch_size": 16}}
+# Keys that moved into ``machine``: an old override names its new place instead of failing bare.
+MOVED = {"synth.batch_size": "machine.synth_batch_size", "synth.actors_per_stage": "machine.actors_per_stage",
+         "synth.cpus_per_actor": "machine.cpus_per_actor", "synth.gpus_per_actor": "machine.gpus_per_actor",
+         "train.device": "machine.device", "render.backend": "machine.render_backend",
+         "train.log_every": "machine.log_every", "train.checkpoint_every": "machine.checkpoint_every",
+         "render.background": "avatar.background"}
 
 
 # --------------------------------------------------------------------------- loading
@@ -240,6 +278,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         where = path or "config"
+        moved = MOVED.get(f"{path}.{unknown[0]}")
+        if moved:
+            raise ConfigError(f"{where}.{unknown[0]} is now {moved}")
         raise ConfigError(f"unknown key {where}.{unknown[0]}; choices: {', '.join(sorted(fields))}")
     hints = typing.get_type_hints(cls)
     kwargs = {name: _coerce(hints[name], value, f"{path}.{name}" if path else name)
@@ -249,6 +290,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is not type(choices[0]):
+            raise ConfigError(f"{path}: {value!r} is not a choice; choices: {', '.join(map(str, choices))}")
+        return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin in (list, tuple):

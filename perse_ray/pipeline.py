@@ -289,19 +289,19 @@ STAGE_CLASSES = (IngestStage, EditStage, AnimateStage, MorphStage, IdFilterStage
 
 def check_resources(cfg: Config, resources: dict[str, float]) -> None:
     """Fixed-size actor pools that cannot all be placed wait forever: refuse them up front."""
-    actors = len(STAGE_CLASSES) * cfg.synth.actors_per_stage
-    for key, each in (("CPU", cfg.synth.cpus_per_actor), ("GPU", cfg.synth.gpus_per_actor)):
+    actors = len(STAGE_CLASSES) * cfg.machine.actors_per_stage
+    for key, each in (("CPU", cfg.machine.cpus_per_actor), ("GPU", cfg.machine.gpus_per_actor)):
         need, have = actors * each, resources.get(key, 0.0)
         if need > have + 1e-9:
             raise RuntimeError(f"{actors} synthesis actors need {need:g} {key} but the cluster has "
-                               f"{have:g}: lower synth.actors_per_stage or synth.{key.lower()}s_per_actor")
+                               f"{have:g}: lower machine.actors_per_stage or machine.{key.lower()}s_per_actor")
 
 
 def local_num_cpus(cfg: Config) -> int:
     """Logical CPUs for a local Ray: the machine's, raised so every actor fits with 2 to spare for
     Ray Data's own tasks (actors are mostly waiting on each other's output: oversubscribing the
     logical count is safe, starving the readers is not)."""
-    need = len(STAGE_CLASSES) * cfg.synth.actors_per_stage * cfg.synth.cpus_per_actor
+    need = len(STAGE_CLASSES) * cfg.machine.actors_per_stage * cfg.machine.cpus_per_actor
     return max(os.cpu_count() or 1, math.ceil(need) + 2)
 
 
@@ -311,18 +311,18 @@ def build_dataset(cfg: Config, candidates: list[Candidate]):
 
     check_resources(cfg, ray.cluster_resources())
     cfg = resolve_models(cfg)
-    s = cfg.synth
+    m = cfg.machine
     ds = ray.data.from_arrow(stream_table([candidate_row(c) for c in candidates]))
     # One block per subject so ingest and edit spread subjects over the actors.
     ds = ds.repartition(target_num_rows_per_block=1)
     for cls in STAGE_CLASSES:
-        ds = ds.map_batches(cls, fn_constructor_args=(cfg,), batch_size=s.batch_size,
-                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=s.actors_per_stage),
-                            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor or None)
+        ds = ds.map_batches(cls, fn_constructor_args=(cfg,), batch_size=m.synth_batch_size,
+                            batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=m.actors_per_stage),
+                            num_cpus=m.cpus_per_actor, num_gpus=m.gpus_per_actor or None)
         if cls is AnimateStage:
             # A subject just became num_frames bundles in one block: split it so every actor of the
             # next stages gets work (streaming; no materialize).
-            ds = ds.repartition(target_num_rows_per_block=s.batch_size)
+            ds = ds.repartition(target_num_rows_per_block=m.synth_batch_size)
     return ds
 
 
@@ -337,7 +337,7 @@ def synthesize(cfg: Config, discovery: Discovery, output: Path, log=print) -> di
     """Run the graph for every discovered subject not already complete in ``output``; write
     subjects.parquet, frames/, motion.json and summary.json; return the summary. Ray must be up."""
     start = time.perf_counter()
-    folder = OutputFolder(output, cfg.hash())
+    folder = OutputFolder(output, cfg.synthesis_hash(), cfg.legacy_hash(), log)
     with folder.exclusive():
         return _synthesize(cfg, discovery, folder, start, log)
 
@@ -351,23 +351,28 @@ def _synthesize(cfg: Config, discovery: Discovery, folder: OutputFolder, start: 
     todo = [c for c in discovery.candidates if c.subject_id not in complete and c.subject_id not in rejected]
     reused = [complete[c.subject_id] for c in discovery.candidates if c.subject_id in complete]
     for row in reused:
-        log(f"[skip] {row['subject_id']}: frames complete for config {cfg.hash()}")
+        log(f"[skip] {row['subject_id']}: frames complete for synthesis {folder.config_hash}")
     for row in rejected.values():
         log(f"[skip] {row['subject_id']}: turned down at ingest before ({row['reason']})")
     writer = FramesWriter(folder, frames_per_subject(cfg), log)
     for block in run_pipeline(cfg, todo):
         writer.add_block(block)
     rejected_before = [{k: row[k] for k in SUBJECTS.names} for row in rejected.values()]
-    rows = discovery.quarantined + reused + rejected_before + writer.finish(
-        {c.subject_id: (c.source_path, c.content_sha256) for c in todo})
-    folder.write_rejected(rejected_before + writer.rejected())
+    turned_down = writer.rejected()
+    written = writer.finish({c.subject_id: (c.source_path, c.content_sha256) for c in todo})
+    # ingest's decisions (no face, …) are outcomes; a stage error or a missing frame is a failure
+    declined = {r["subject_id"] for r in turned_down}
+    failed = {r["subject_id"]: r["reason"] for r in written if r["status"] != "ok" and r["subject_id"] not in declined}
+    rows = discovery.quarantined + reused + rejected_before + written
+    folder.write_rejected(rejected_before + turned_down)
     folder.write_subjects(rows)
     in_input = {r["subject_id"] for r in rows}
     summary = {
-        "config_hash": cfg.hash(), "preset": cfg.preset,
+        "synthesis_hash": folder.config_hash, "preset": cfg.preset,
         "subjects": dict(Counter(r["status"] for r in rows), total=len(rows)),
         "reasons": dict(Counter(reason_category(r["reason"]) for r in rows if r["status"] != "ok")),
         "skipped_complete": len(reused),
+        "failed": failed,
         "frames": {"per_subject": frames_per_subject(cfg), "written_this_run": sum(writer.counts[s] for s in writer.done),
                    **writer.frame_stats},
         "seconds_per_stage": {stage: round(writer.seconds.get(stage, 0.0), 3) for stage in STAGES},

@@ -16,7 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from perse_ray.bench.ground_truth import frames_from_head
@@ -28,8 +27,8 @@ from perse_ray.train.data import discover, write_partition
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["synth.resolution=32", "render.width=24", "render.height=24", "synth.motion.num_frames=5",
         "synth.morph_alphas=[0.5]", "avatar.num_gaussians=200", "avatar.hidden_dim=16", "avatar.feature_dim=8",
-        "train.batch_size=2", "train.log_every=5", "train.holdout_fraction=0.25", "train.relocate_every=10",
-        "train.checkpoint_every=5"]
+        "train.batch_size=2", "machine.log_every=5", "train.holdout_fraction=0.25", "train.relocate_every=10",
+        "machine.checkpoint_every=5"]
 STEPS = 40  # the two-worker runs: eight checkpoints, so a kill can land between two of them
 
 
@@ -47,16 +46,17 @@ def synth(tmp_path_factory, rows):
     """A synthesis output: alice and bob (the same procedural head), carol with every frame dropped."""
     root = tmp_path_factory.mktemp("synth")
     for sid in ("alice", "bob"):
-        write_partition(root, sid, rows)
-    write_partition(root, "carol", [{**r, "kept": False, "drop_reason": "identity drift"} for r in rows])
+        write_partition(root, sid, rows, tiny_config(STEPS))
+    write_partition(root, "carol", [{**r, "kept": False, "drop_reason": "identity drift"} for r in rows],
+                    tiny_config(STEPS))
     return root
 
 
 def registry_files_are_clean(avatars: Path) -> list[str]:
-    """Paths under the registry that are not avatar files (safetensors, JSON) or the manifest."""
+    """Paths under the registry that are not avatar files (safetensors, JSON) or the index."""
     return [str(p.relative_to(avatars)) for p in avatars.rglob("*")
             if not p.is_dir() and p.suffix not in (".safetensors", ".json")
-            and p.name not in ("manifest.parquet", ".manifest.lock")
+            and p.name not in ("index.jsonl", ".index.lock")
             or p.is_dir() and p.name.startswith(".")]
 
 
@@ -65,12 +65,39 @@ def test_discover_reports_why_a_subject_cannot_train(tmp_path, synth, rows):
     assert [s for s in found if found[s].trainable] == ["alice", "bob"]
     assert found["alice"].kept == len(rows)
     assert found["carol"].problem == f"all {len(rows)} frames dropped (identity drift x{len(rows)})"
-    half = write_partition(tmp_path, "dave", rows[:3])
+    half = write_partition(tmp_path, "dave", rows[:3], tiny_config(STEPS))
     (half / "_COMPLETE").unlink()  # a partition the synthesis job never finished
     (tmp_path / "frames" / ".staging-x" / "subject_id=erin").mkdir(parents=True)
     assert [(s.subject_id, s.problem) for s in discover(tmp_path)] == [
         ("dave", "frames partition incomplete (no _COMPLETE marker)")]
     assert discover(tmp_path, ["frank"])[0].problem == "no frames partition"
+
+
+def test_frames_made_by_another_synthesis_config_are_refused(tmp_path, rows):
+    made_by, trains = tiny_config(STEPS), tiny_config(STEPS)
+    part = write_partition(tmp_path, "alice", rows, made_by)
+    # a training setting changes nothing for the frames: they train
+    assert discover(tmp_path, None, load_config("cpu-smoke", TINY + ["train.steps=7"]))[0].trainable
+    # a synthesis setting does: refused, naming both hashes
+    other = load_config("cpu-smoke", TINY + ["synth.motion.num_frames=6"])
+    [found] = discover(tmp_path, None, other)
+    assert not found.trainable and made_by.synthesis_hash() in found.problem \
+        and other.synthesis_hash() in found.problem and "re-run synthesis" in found.problem
+    # frames from before stage hashes carry the old single hash: adopted when it is this config's
+    (part / "_COMPLETE").write_text(json.dumps({"subject_id": "alice", "frames": len(rows),
+                                                "config_hash": trains.legacy_hash()}))
+    assert discover(tmp_path, None, trains)[0].trainable
+    assert not discover(tmp_path, None, load_config("cpu-smoke", TINY + ["train.steps=7"]))[0].trainable
+
+    # jobs/train.py refuses them before Ray starts, with the message (exit 2: nothing could train)
+    (part / "_COMPLETE").write_text(json.dumps({"subject_id": "alice", "frames": len(rows),
+                                                "synthesis_hash": made_by.synthesis_hash()}))
+    sets = [arg for item in TINY + ["synth.motion.num_frames=6"] for arg in ("--set", item)]
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), "--frames", str(tmp_path), "--output",
+                          str(tmp_path / "out"), "--preset", "cpu-smoke", *sets], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "no subject can train: frames were made by synthesis config" in run.stderr, run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def _descendants(pid: int) -> set[int]:
@@ -118,7 +145,7 @@ def test_two_subjects_two_workers_each_one_worker_killed_mid_run(ray_cluster, sy
     from perse_ray.train.distributed import train_subjects
 
     cfg = tiny_config(STEPS)
-    run_root = tmp_path / "ray_train" / cfg.hash()
+    run_root = tmp_path / "ray_train" / cfg.training_hash()
     killed_at: list[int] = []
     done = threading.Event()
 
@@ -155,23 +182,27 @@ def test_two_subjects_two_workers_each_one_worker_killed_mid_run(ray_cluster, sy
 
     registry = Registry(tmp_path / "avatars")
     assert [(e.subject_id, e.version) for e in registry.list()] == [("alice", "v0001"), ("bob", "v0001")]
-    manifest = {m["subject_id"]: m for m in pq.read_table(tmp_path / "avatars" / "manifest.parquet").to_pylist()}
-    assert sorted(manifest) == ["alice", "bob"] and manifest["bob"]["version"] == "v0001"
-    assert dict(manifest["bob"]["metrics"])["heldout_psnr"] == pytest.approx(results["bob"].heldout_psnr)
+    indexed = {e.subject_id: e for e in registry.latest()}
+    assert indexed["bob"].version == "v0001"
+    assert indexed["bob"].metrics["heldout_psnr"] == pytest.approx(results["bob"].heldout_psnr)
     avatar = registry.load("alice")
-    assert avatar.meta["config_hash"] == cfg.hash() and avatar.meta["metrics"]["steps"] == STEPS
+    assert avatar.meta["config_hash"] == cfg.training_hash() and avatar.meta["metrics"]["steps"] == STEPS
     assert registry_files_are_clean(tmp_path / "avatars") == []
     # Ray's state (Tune's pickles) lives beside the registry, never in it; spent checkpoints are gone
     assert list(run_root.glob("_tune-*/tuner.pkl")) and not (run_root / "alice").exists()
 
 
-def _job(synth: Path, out: Path, steps: int, log: Path) -> subprocess.Popen:
+LEASE_TTL = 8  # seconds
+
+
+def _job(synth: Path, out: Path, steps: int, log: Path, subjects: str = "alice,bob,dave", mode: str = "w",
+         concurrent: int = 1) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     sets = [arg for item in TINY + [f"train.steps={steps}"] for arg in ("--set", item)]
     return subprocess.Popen([sys.executable, str(REPO / "jobs" / "train.py"), "--frames", str(synth), "--output",
-                             str(out), "--preset", "cpu-smoke", "--workers-per-subject", "1", "--max-concurrent", "1",
-                             "--subjects", "alice,bob,dave", *sets], stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                             str(out), "--preset", "cpu-smoke", "--workers-per-subject", "1", "--max-concurrent",
+                             str(concurrent), "--subjects", subjects, "--lease-ttl", str(LEASE_TTL), *sets],
+                            stdout=log.open(mode), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _end_session(job: subprocess.Popen) -> None:
@@ -189,12 +220,13 @@ def test_a_killed_job_reruns_skipping_finished_and_resuming_unfinished_subjects(
     """The job trains alice, bob, then dave (frames the latent layout cannot take) one at a time."""
     steps = 40
     synth = tmp_path / "synth"
+    cfg = tiny_config(steps)
     for sid in ("alice", "bob"):
-        write_partition(synth, sid, rows)
-    write_partition(synth, "dave", [{**r, "attribute": "moustache"} if r["attribute"] else r for r in rows])
+        write_partition(synth, sid, rows, cfg)
+    write_partition(synth, "dave", [{**r, "attribute": "moustache"} if r["attribute"] else r for r in rows], cfg)
     out, log = tmp_path / "out", tmp_path / "job.log"
     registry = Registry(out / "avatars")
-    bob_checkpoints = out / "ray_train" / tiny_config(steps).hash() / "bob" / "loop"
+    bob_checkpoints = out / "ray_train" / cfg.training_hash() / "bob" / "loop"
     job = _job(synth, out, steps, log)
     try:
         deadline = time.monotonic() + 240
@@ -205,15 +237,21 @@ def test_a_killed_job_reruns_skipping_finished_and_resuming_unfinished_subjects(
         os.kill(job.pid, signal.SIGKILL)  # the driver dies with alice trained and bob mid-run...
     finally:
         _end_session(job)  # ...and its Ray with it (Ray would follow within seconds; agents linger)
+    killed_at = time.monotonic()
     assert [(e.subject_id, e.version) for e in registry.list()] == [("alice", "v0001")]
     assert "[done] bob" not in log.read_text()
+    assert (out / "ray_train" / cfg.training_hash() / "bob.lease").exists()  # the dead job's hold on bob
 
     rerun = _job(synth, out, steps, log)
     try:
-        assert rerun.wait(timeout=150) == 0, log.read_text()[-3000:]
+        assert rerun.wait(timeout=150) == 3, log.read_text()[-3000:]  # 3: dave failed, the others are done
     finally:
         _end_session(rerun)
     text = log.read_text()
+    # the stale lease held bob back at most its expiry; its checkpoints were the dead job's, now resumed
+    assert re.search(r"\[wait\] bob: another job is training it", text), text[-3000:]
+    assert time.monotonic() - killed_at > LEASE_TTL * 0.75
+    assert "failed: dave: ValueError: frame attribute 'moustache'" in text
     assert re.search(r"\[skip\] alice: in the registry as v0001", text), text[-3000:]
     resumed = re.search(r"\[done\] bob: v0001, 40 steps .* resumed from step (\d+)", text)
     assert resumed and int(resumed.group(1)) >= 5, text[-3000:]
@@ -221,6 +259,32 @@ def test_a_killed_job_reruns_skipping_finished_and_resuming_unfinished_subjects(
     assert registry_files_are_clean(out / "avatars") == []
     assert re.search(r"^dave +failed .*ValueError: frame attribute 'moustache' is not in the latent layout", text, re.M)
     assert re.search(r"^alice +skipped +40 ", text, re.M) and re.search(r"^bob +done +40 ", text, re.M), text[-1500:]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_two_jobs_started_together_train_each_subject_once(rows, tmp_path):
+    cfg = tiny_config(20)
+    synth = tmp_path / "synth"
+    for sid in ("alice", "bob"):
+        write_partition(synth, sid, rows, cfg)
+    out = tmp_path / "out"
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    jobs = [_job(synth, out, 20, log, subjects="alice,bob", concurrent=2) for log in logs]
+    try:
+        codes = [job.wait(timeout=300) for job in jobs]
+    finally:
+        for job in jobs:
+            _end_session(job)
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], [t[-2000:] for t in texts]
+    registry = Registry(out / "avatars")
+    assert [(e.subject_id, e.version) for e in registry.list()] == [("alice", "v0001"), ("bob", "v0001")]
+    for sid in ("alice", "bob"):  # one job trained it; the other waited, then found it registered
+        trained = [t for t in texts if re.search(rf"^{sid} +done ", t, re.M)]
+        waited = [t for t in texts if re.search(rf"^{sid} +skipped .*trained by another job meanwhile", t, re.M)]
+        assert len(trained) == 1 and len(waited) == 1, texts
+    assert registry_files_are_clean(out / "avatars") == []
 
 
 def test_the_job_refuses_a_missing_frames_folder_before_starting_ray(tmp_path):

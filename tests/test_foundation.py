@@ -35,10 +35,10 @@ def test_presets_differ_where_they_should():
 
 
 def test_overrides_apply_and_parse_types():
-    cfg = load_config("cpu", ["train.steps=200", "avatar.num_gaussians=5000", "render.background=[0,0,0]",
+    cfg = load_config("cpu", ["train.steps=200", "avatar.num_gaussians=5000", "avatar.background=[0,0,0]",
                               "synth.motion.num_frames=5", "train.lambda_ssim=1"])
     assert cfg.train.steps == 200 and cfg.avatar.num_gaussians == 5000
-    assert cfg.render.background == [0.0, 0.0, 0.0]
+    assert cfg.avatar.background == [0.0, 0.0, 0.0]
     assert cfg.synth.motion.num_frames == 5
     assert cfg.train.lambda_ssim == 1.0 and isinstance(cfg.train.lambda_ssim, float)
 
@@ -51,6 +51,13 @@ def test_overrides_apply_and_parse_types():
     ("synth.morph_alphas=0.5", "synth.morph_alphas: expected a list"),
     ("train.steps", "must look like section.key=value"),
     ("train=3", "train: expected a mapping"),
+    ("synth.edit_backend=clasical", "synth.edit_backend: 'clasical' is not a choice; choices: classical, instruct_pix2pix"),
+    ("faces.backend=insight", "faces.backend: 'insight' is not a choice; choices: dlib, insightface"),
+    ("machine.render_backend=cuda", "machine.render_backend: 'cuda' is not a choice"),
+    ("synth.actors_per_stage=2", "synth.actors_per_stage is now machine.actors_per_stage"),
+    ("train.device=cpu", "train.device is now machine.device"),
+    ("train.lambda_identity=0.1", "unknown key train.lambda_identity"),
+    ("serve.max_batch_size=4", "unknown key config.serve"),
 ])
 def test_bad_overrides_fail_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
@@ -62,9 +69,35 @@ def test_unknown_preset_lists_choices():
         load_config("gpus")
 
 
-def test_config_hash_tracks_values():
-    a, b = load_config("cpu"), load_config("cpu", ["train.steps=7"])
-    assert a.hash() == load_config("cpu").hash() and a.hash() != b.hash()
+def test_stage_hashes_cover_what_each_stage_computes():
+    base = load_config("cpu")
+    same = lambda *o: load_config("cpu", list(o))  # noqa: E731
+    assert base.training_hash() == same().training_hash() and base.synthesis_hash() == same().synthesis_hash()
+    # what changes frames changes both hashes
+    for override in ("synth.motion.num_frames=5", "faces.id_threshold=0.4", "render.fov_deg=25", "synth.seed=3"):
+        other = same(override)
+        assert other.synthesis_hash() != base.synthesis_hash() and other.training_hash() != base.training_hash(), override
+    # what changes only the avatar leaves the frames' hash alone
+    for override in ("train.steps=7", "avatar.num_gaussians=100", "render.width=32", "train.batch_size=8",
+                     "avatar.background=[0,0,0]"):
+        other = same(override)
+        assert other.synthesis_hash() == base.synthesis_hash() and other.training_hash() != base.training_hash(), override
+    # where it runs is in no hash
+    for override in ("machine.actors_per_stage=4", "machine.cpus_per_actor=1", "machine.gpus_per_actor=0.5",
+                     "machine.synth_batch_size=8", "machine.device=cuda", "machine.render_backend=torch",
+                     "machine.log_every=7", "machine.checkpoint_every=7"):
+        other = same(override)
+        assert (other.synthesis_hash(), other.training_hash()) == (base.synthesis_hash(), base.training_hash()), override
+    assert load_config("cpu-smoke").synthesis_hash() != base.synthesis_hash()  # presets differ in values
+
+
+@pytest.mark.parametrize("preset, overrides, old_hash", [
+    # what Config.hash() gave for these configs before stage hashes existed (so old outputs are reused)
+    ("cpu", [], "d3b38af9a8bb"), ("cpu-smoke", [], "9d644ad4affe"), ("tiny", [], "70028c281c0c"),
+    ("gpu", [], "0082c5352d88"), ("cpu-smoke", ["train.steps=130", "machine.device=cpu"], "7ec36cf37c5c"),
+])
+def test_legacy_hash_reproduces_the_single_hash_of_older_outputs(preset, overrides, old_hash):
+    assert load_config(preset, overrides).legacy_hash() == old_hash
 
 
 def _frame_row(**kw):

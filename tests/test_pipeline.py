@@ -69,7 +69,9 @@ def test_every_input_is_accounted_for(first_run):
     assert by_name["notes.txt"]["reason"].startswith("skipped: not an image file")
     assert by_name["grace_hopper.jpg"]["reason"] == f"duplicate of {by_name['copy of grace.jpg']['subject_id']}"
     assert summary["subjects"] == {"ok": 4, "quarantined": len(subjects) - 4, "total": len(subjects)}
-    assert summary["reasons"]["no face found"] == 5 and summary["config_hash"] == cfg.hash()
+    assert summary["reasons"]["no face found"] == 5 and summary["synthesis_hash"] == cfg.synthesis_hash()
+    # the vanished file is a failure (an ingest error); ingest's decisions (no face, …) are not
+    assert list(summary["failed"]) == [by_name["..jpg"]["subject_id"]]
     assert set(summary["seconds_per_stage"]) == {"ingest", "edit", "animate", "morph", "id_filter"}
     assert all(v > 0 for v in summary["seconds_per_stage"].values())
     assert any("[write]" in line and "15 frames complete" in line for line in logs)
@@ -89,7 +91,7 @@ def test_frames_follow_the_schema_and_the_shared_motion(first_run):
     assert summary["frames"]["per_subject"] == 15 and frames.num_rows == 15 * len(ok_ids)
     for part in (out / "frames").glob("subject_id=*"):
         table = validate(pq.read_table(next(part.glob("part-*.parquet"))), "frames")
-        assert json.loads((part / COMPLETE).read_text())["config_hash"] == cfg.hash()
+        assert json.loads((part / COMPLETE).read_text())["synthesis_hash"] == cfg.synthesis_hash()
         assert table.schema.metadata[b"perse_ray.schema"] == b"frames"
     rows = frames.to_pylist()
     for r in rows:
@@ -124,7 +126,7 @@ def test_rerun_skips_then_killed_run_resumes(first_run):
     rejected = json.loads((out / "rejected.json").read_text())
     reasons = [r["reason"] for r in rejected.values()]
     assert len(rejected) == 10 and reasons.count("no face found") == 5
-    assert all(r["config_hash"] == cfg.hash() for r in rejected.values())
+    assert all(r["synthesis_hash"] == cfg.synthesis_hash() for r in rejected.values())
     assert not any("FileNotFoundError" in r for r in reasons)  # an error, not a decision: retried
     assert sum("turned down at ingest before" in line for line in again_logs) == 10
     assert again["reasons"]["no face found"] == 5 and set(again["seconds_per_stage"].values()) == {0.0}
@@ -224,7 +226,7 @@ def test_resources_and_model_checks():
     from perse_ray.models import ModelNotFoundError
     from perse_ray.pipeline import check_resources, frames_per_subject, resolve_models
 
-    cfg = load_config("cpu", ["synth.actors_per_stage=2"])
+    cfg = load_config("cpu", ["machine.actors_per_stage=2"])
     with pytest.raises(RuntimeError, match="10 synthesis actors need 5 CPU"):
         check_resources(cfg, {"CPU": 4.0})
     check_resources(cfg, {"CPU": 5.0})

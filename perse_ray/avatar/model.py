@@ -182,5 +182,5 @@ class AvatarModel(nn.Module):
                                                            mode="bilinear", align_corners=False))
             back = back[0].permute(1, 2, 0)[None, None]
         else:
-            back = rgb.new_ones(1, 1, 1, 1, 3)
+            back = rgb.new_tensor(self.cfg.background).reshape(1, 1, 1, 1, 3)
         return rgb + (1 - alpha) * back, alpha, g

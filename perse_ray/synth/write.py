@@ -2,19 +2,22 @@
 
     <output>/subjects.parquet                       every input: ok, or quarantined with a reason
     <output>/frames/subject_id=<id>/part-*.parquet  hive partitions of the ``frames`` schema
-    <output>/frames/subject_id=<id>/_COMPLETE       JSON: config hash and frame count
+    <output>/frames/subject_id=<id>/_COMPLETE       JSON: synthesis hash and frame count
     <output>/frames/subject_id=<id>/_subject.parquet that subject's ``subjects`` row (for re-runs)
     <output>/rejected.json                          portraits ingest turned down (no face, …), by
-                                                    subject: content hash, config hash and reason
+                                                    subject: content hash, synthesis hash and reason
     <output>/motion.json, <output>/summary.json
 
 A subject's parts are written into ``frames/.staging-<run>/subject_id=<id>/`` and the folder is
 renamed into place only when every frame is there and ``_COMPLETE`` is written, so a killed run
 never leaves a half-written partition where readers look (pyarrow skips names starting with "." or
-"_"). A re-run deletes leftover staging folders and partitions without a ``_COMPLETE`` for the
-current config hash, and skips subjects whose partition is complete, and those whose unchanged
-portrait ingest already turned down with this config (that decision is deterministic; errors and
-crashes are not remembered, so they are retried).
+"_"). A re-run deletes leftover staging folders and half-written partitions, skips subjects whose
+partition is complete for the current synthesis hash, and those whose unchanged portrait ingest
+already turned down with this config (that decision is deterministic; errors and crashes are not
+remembered, so they are retried). A complete partition made by another synthesis config stays
+where it is (training refuses it) until this run writes that subject anew, and the run says so.
+Partitions from before stage hashes (a ``config_hash`` marker) are adopted when that old hash is
+this config's.
 """
 
 from __future__ import annotations
@@ -77,20 +80,24 @@ def reason_category(reason: str) -> str:
 
 
 class OutputFolder:
-    def __init__(self, root: Path, config_hash: str):
+    def __init__(self, root: Path, config_hash: str, legacy_hash: str | None = None, log=print):
         self.root = root
         self.frames_dir = root / "frames"
-        self.config_hash = config_hash
+        self.config_hash = config_hash  # the synthesis hash
+        self.legacy_hash = legacy_hash  # the single config hash of older outputs, for adopting them
+        self.log = log
 
     @contextlib.contextmanager
     def exclusive(self):
-        """Hold the folder for one run: a second run would delete the first one's staging."""
+        """Hold the folder for one run (a second run would delete the first one's staging): a second
+        run waits for the first, then finds its subjects complete."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as e:
-                raise OutputError(f"output {self.root} is in use by another run") from e
+            except BlockingIOError:
+                self.log(f"output {self.root} is in use by another run: waiting for it")
+                fcntl.flock(lock, fcntl.LOCK_EX)
             yield self
 
     def prepare(self) -> dict[str, dict]:
@@ -100,27 +107,38 @@ class OutputFolder:
             shutil.rmtree(leftover)
         for tmp in list(self.root.glob(".*.tmp")):
             tmp.unlink()
-        complete = {}
+        complete, other = {}, Counter()
         for part in self.frames_dir.glob("subject_id=*"):
-            row = self._complete_row(part)
+            row, made_by = self._complete_row(part)
             if row is None:
-                shutil.rmtree(part)  # half-written or made with another config: redone
-            else:
+                shutil.rmtree(part)  # half-written: redone
+            elif made_by == self.config_hash:
                 complete[row["subject_id"]] = row
+            else:
+                other[made_by] += 1
+        for made_by, n in other.items():
+            self.log(f"{n} frames partition(s) were made by synthesis config {made_by}, not {self.config_hash}: "
+                     "training refuses them; each is replaced when this run synthesizes its subject")
         return complete
 
-    def _complete_row(self, part: Path) -> dict | None:
-        """The partition's subject row if it is complete for this config, else None."""
+    def _complete_row(self, part: Path) -> tuple[dict | None, str]:
+        """(the partition's subject row, the synthesis hash that made it) if it is whole, else (None, "")."""
         try:
             marker = json.loads((part / COMPLETE).read_text())
             rows = validate(pq.read_table(part / SUBJECT_FILE), "subjects").to_pylist()
             frames = sum(pq.read_metadata(p).num_rows for p in part.glob("part-*.parquet"))
         except (OSError, ValueError, pa.ArrowException):
-            return None
-        whole = isinstance(marker, dict) and marker.get("config_hash") == self.config_hash \
-            and marker.get("frames") == frames > 0 and len(rows) == 1 \
+            return None, ""
+        whole = isinstance(marker, dict) and marker.get("frames") == frames > 0 and len(rows) == 1 \
             and part.name == f"subject_id={rows[0]['subject_id']}"
-        return rows[0] if whole else None
+        if not whole:
+            return None, ""
+        made_by = marker.get("synthesis_hash")
+        if made_by is None and self.legacy_hash and marker.get("config_hash") == self.legacy_hash:
+            atomic_write_bytes(part / COMPLETE, json.dumps({**marker, "synthesis_hash": self.config_hash}).encode())
+            self.log(f"[adopt] {rows[0]['subject_id']}: frames from before stage hashes, made by this config")
+            made_by = self.config_hash
+        return rows[0], str(made_by or f"{marker.get('config_hash')} (older, single-hash)")
 
     def rejected(self) -> dict[str, dict]:
         """Ingest's earlier rejections under this config: subject id → its quarantined subjects row."""
@@ -131,12 +149,13 @@ class OutputFolder:
         if not isinstance(entries, dict):
             return {}
         return {sid: row for sid, row in entries.items()
-                if isinstance(row, dict) and row.get("config_hash") == self.config_hash
-                and set(SUBJECTS.names) <= set(row)}
+                if isinstance(row, dict) and set(SUBJECTS.names) <= set(row)
+                and (row.get("synthesis_hash") == self.config_hash
+                     or (self.legacy_hash and row.get("config_hash") == self.legacy_hash))}
 
     def write_rejected(self, rows: list[dict]) -> None:
         self.write_json(REJECTED_FILE, {r["subject_id"]: {**{k: r[k] for k in SUBJECTS.names},
-                                                          "config_hash": self.config_hash} for r in rows})
+                                                          "synthesis_hash": self.config_hash} for r in rows})
 
     def write_json(self, name: str, payload: dict | str) -> None:
         text = payload if isinstance(payload, str) else json.dumps(payload, indent=1, sort_keys=True)
@@ -209,7 +228,7 @@ class FramesWriter:
         staged = partition_dir(self.staging, sid)
         atomic_write_table(staged / SUBJECT_FILE, table_from_rows([row], "subjects"))
         atomic_write_bytes(staged / COMPLETE, json.dumps(
-            {"subject_id": sid, "config_hash": self.folder.config_hash, "frames": self.counts[sid]}).encode())
+            {"subject_id": sid, "synthesis_hash": self.folder.config_hash, "frames": self.counts[sid]}).encode())
         final = partition_dir(self.folder.frames_dir, sid)
         if final.exists():
             shutil.rmtree(final)

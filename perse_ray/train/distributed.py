@@ -4,20 +4,25 @@
 
 A Tune grid over subjects; each trial trains one subject. With ``workers_per_subject > 1`` the
 trial runs a Ray Train ``TorchTrainer``: DDP (gloo on CPUs, nccl on GPUs), each rank training its
-own slice of every step's batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts
-resuming from the last one. With one worker the trial runs the loop itself, which saves starting a worker group; the
-loop's own checkpoints then give the same resume. Under ``output``:
+share of every step's global batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts
+resuming from the last one. With one worker the trial runs the loop itself, which saves starting a
+worker group; the loop's own checkpoints then give the same resume. Under ``output``:
 
-    avatars/                               the registry: safetensors + JSON + manifest only
-    ray_train/<config hash>/<subject>/     an unfinished subject's checkpoints; a re-run resumes
-                                           from them (removed once the avatar is in the registry)
-    ray_train/<config hash>/_tune-<time>/  Tune's experiment state (its pickles)
+    avatars/                                        the registry: safetensors + JSON + its index
+    ray_train/<training hash>/<subject>.lease       who trains the subject now (perse_ray.lease)
+    ray_train/<training hash>/<subject>/            an unfinished subject's checkpoints, used only by
+                                                    the lease holder; a re-run resumes from them
+                                                    (removed once the avatar is in the registry)
+    ray_train/<training hash>/_tune-<time>-<job>/   this job's Tune experiment state (its pickles)
 
-Subjects already in the registry for the config are skipped before any trainer is built. A
-subject that cannot train (frames all dropped or unreadable, an error after the retries) is
-reported failed with its reason while the others finish. Each trial puts its avatar into the
-registry as soon as it is trained, so a killed job loses only unfinished work. Trials and workers
-run wherever Ray places them: ``frames_root`` and ``output`` must be storage every node sees.
+Subjects already in the registry for the training hash are skipped before any trainer is built. A
+trial takes the subject's lease first, so two jobs on one output never train a subject twice: the
+second waits while the first trains, then finds the avatar registered and skips it; a lease left
+by a killed job expires after ``lease_ttl_s``. A subject that cannot train (frames all dropped,
+unreadable or made by another synthesis config, an error after the retries) is reported failed
+with its reason while the others finish. Each trial puts its avatar into the registry as soon as
+it is trained, so a killed job loses only unfinished work. Trials and workers run wherever Ray
+places them: ``frames_root`` and ``output`` must be storage every node sees.
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,10 +43,10 @@ from ray import tune
 
 from perse_ray.avatar.io import Avatar, load_avatar, save_avatar
 from perse_ray.config import Config, from_dict
+from perse_ray.lease import DEFAULT_TTL_S, Lease
 from perse_ray.registry import Registry
-from perse_ray.train.data import discover, read_frames
-from perse_ray.train.loop import (CHECKPOINT_PREFIX, TRAINER_FILE, DataParallel, check_device_name, latest_checkpoint,
-                                  train_avatar)
+from perse_ray.train.data import check_workers, discover, read_frames
+from perse_ray.train.loop import CHECKPOINT_PREFIX, TRAINER_FILE, DataParallel, latest_checkpoint, train_avatar
 
 TRIAL_CPU = 0.01  # a trial that only drives a TorchTrainer (Tune rejects 0)
 LOOP_CHECKPOINTS = "loop"  # one-worker subjects: the loop's checkpoints, in the subject's run folder
@@ -49,7 +56,7 @@ REASON_CHARS = 500
 @dataclasses.dataclass
 class SubjectResult:
     subject_id: str
-    status: str  # done | skipped (already in the registry) | failed
+    status: str  # done | skipped (already in the registry, or trained by another job meanwhile) | failed
     reason: str = ""
     version: str = ""  # registry version (done, skipped)
     steps: int = 0
@@ -71,11 +78,20 @@ class _Job:
     gpus_per_worker: float  # 0: train on CPUs
     max_failures: int
     partitions: dict[str, str]
+    job_id: str  # this call of train_subjects: its leases and Tune experiment
+    lease_ttl_s: float
+
+    def registry(self) -> Registry:
+        return Registry(self.output / "avatars")
+
+    def trained(self, sid: str):
+        """The subject's registry entry for this training config (or one of before stage hashes)."""
+        return self.registry().find(sid, self.config.training_hash(), self.config.legacy_hash())
 
 
 def train_subjects(frames_root: str | Path, output: str | Path, config: Config, workers_per_subject: int = 1,
                    subjects: list[str] | None = None, *, max_failures: int = 2, max_concurrent: int | None = None,
-                   cpus_per_worker: float = 0.5, gpus_per_worker: float = 1.0,
+                   cpus_per_worker: float = 0.5, gpus_per_worker: float = 1.0, lease_ttl_s: float = DEFAULT_TTL_S,
                    log: Callable[[str], Any] = print) -> list[SubjectResult]:
     """Train every subject of a synthesis output (or just ``subjects``) that is not yet in
     ``<output>/avatars`` for ``config``; one result per subject, sorted. Ray must be up.
@@ -83,45 +99,51 @@ def train_subjects(frames_root: str | Path, output: str | Path, config: Config, 
     ``max_failures``: restarts per subject after a worker or trial process dies.
     ``max_concurrent``: subjects at once (default: as many as the cluster's CPUs hold).
     ``cpus_per_worker``: logical CPUs per training process (fractional: whole CPUs starve a 2-core box).
-    ``gpus_per_worker``: GPUs per training process when it trains on GPUs: ``train.device=cuda``, or
+    ``gpus_per_worker``: GPUs per training process when it trains on GPUs: ``machine.device=cuda``, or
     ``auto`` on a cluster that has GPUs (fractional packs several small avatars onto one GPU).
+    ``lease_ttl_s``: how long a killed job's lease on a subject blocks others (its heartbeat is ttl/4).
     """
-    if workers_per_subject < 1:
-        raise ValueError(f"workers_per_subject must be >= 1, got {workers_per_subject}")
+    check_workers(config, workers_per_subject)
     if config.train.steps < 1:
         raise ValueError("train.steps must be >= 1")
     output = Path(output).expanduser().resolve()
-    # one scan of the registry (newest version last), not one per subject
-    trained = {(e.subject_id, e.config_hash): e for e in Registry(output / "avatars").list()}
+    training_hash = config.training_hash()
+    job = _Job(output, output / "ray_train" / training_hash, config, workers_per_subject, cpus_per_worker, 0.0,
+               max_failures, {}, uuid.uuid4().hex[:12], lease_ttl_s)
     results: dict[str, SubjectResult] = {}
     todo: dict[str, str] = {}
-    for found in discover(frames_root, subjects):
+    for found in discover(frames_root, subjects, config):
         sid = found.subject_id
-        entry = trained.get((sid, config.hash()))
         if not found.trainable:
             results[sid] = SubjectResult(sid, "failed", found.problem)
             log(f"[failed] {sid}: {found.problem}")
-        elif entry is not None:
-            m = entry.metrics
-            results[sid] = SubjectResult(sid, "skipped", f"already trained for config {config.hash()}", entry.version,
-                                         int(m.get("steps", 0)), 0.0, m.get("final_loss", math.nan),
-                                         m.get("heldout_psnr", math.nan))
-            log(f"[skip] {sid}: in the registry as {entry.version} for config {config.hash()}")
+        elif (entry := job.trained(sid)) is not None:  # reads only this subject's registry folder
+            results[sid] = _skipped(entry, f"already trained for config {training_hash}")
+            log(f"[skip] {sid}: in the registry as {entry.version} for config {training_hash}")
         else:
             todo[sid] = str(found.partition)
     if todo:
         on_gpus = _trains_on_gpus(config)
         # every trial and worker trains on the device chosen here, not on whatever it happens to see
-        device = "cuda" if on_gpus else "cpu"
-        placed = dataclasses.replace(config, train=dataclasses.replace(config.train, device=device))
-        job = _Job(output, output / "ray_train" / config.hash(), placed, workers_per_subject, cpus_per_worker,
-                   gpus_per_worker if on_gpus else 0.0, max_failures, todo)
+        placed = dataclasses.replace(config, machine=dataclasses.replace(config.machine,
+                                                                         device="cuda" if on_gpus else "cpu"))
+        # subjects another job holds go last: by the time they come up, they are likely registered
+        held = {sid for sid in todo if (job.run_root / f"{sid}.lease").exists()}
+        order = sorted(todo, key=lambda sid: (sid in held, sid))
+        job = dataclasses.replace(job, config=placed, gpus_per_worker=gpus_per_worker if on_gpus else 0.0,
+                                  partitions={sid: todo[sid] for sid in order})
         results.update((r.subject_id, r) for r in _run_grid(job, max_concurrent, log))
     return [results[sid] for sid in sorted(results)]
 
 
+def _skipped(entry, reason: str) -> SubjectResult:
+    m = entry.metrics
+    return SubjectResult(entry.subject_id, "skipped", reason, entry.version, int(m.get("steps", 0)), 0.0,
+                         m.get("final_loss", math.nan), m.get("heldout_psnr", math.nan))
+
+
 def _trains_on_gpus(config: Config) -> bool:
-    device = check_device_name(config.train.device)
+    device = config.machine.device
     return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0.0) > 0)
 
 
@@ -144,10 +166,11 @@ def _run_grid(job: _Job, max_concurrent: int | None, log) -> list[SubjectResult]
     trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job), trial_resources)
     tuner = tune.Tuner(
         trainable,
-        param_space={"subject_id": tune.grid_search(sorted(job.partitions))},
+        param_space={"subject_id": tune.grid_search(list(job.partitions))},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency, trial_name_creator=_trial_name,
                                     trial_dirname_creator=_trial_name),
-        run_config=tune.RunConfig(name=f"_tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(job.run_root),
+        run_config=tune.RunConfig(name=f"_tune-{time.strftime('%Y%m%d-%H%M%S')}-{job.job_id}",
+                                  storage_path=str(job.run_root),
                                   failure_config=tune.FailureConfig(max_failures=job.max_failures),
                                   callbacks=[_Progress(job.config.train.steps, log)], verbose=0))
     out = []
@@ -169,6 +192,9 @@ def _trial_name(trial) -> str:
 
 
 def _subject_result(sid: str, m: dict) -> SubjectResult:
+    if m.get("status") == "skipped":
+        return SubjectResult(sid, "skipped", m["reason"], m["version"], int(m.get("steps", 0)), m.get("seconds", 0.0),
+                             m.get("final_loss", math.nan), m.get("heldout_psnr", math.nan))
     if m.get("status") != "done":
         return SubjectResult(sid, "failed", m.get("reason") or "the trial ended without a result",
                              seconds=m.get("seconds", 0.0))
@@ -183,12 +209,24 @@ def _reason(error: BaseException) -> str:
 
 
 def _subject_trial(params: dict, job: _Job) -> dict:
-    """One Tune trial: train one subject, put its avatar into the registry; the final result says how it went."""
+    """One Tune trial: take the subject's lease, train it unless another job registered it meanwhile,
+    put its avatar into the registry; the final result says how it went."""
     sid, start = params["subject_id"], time.perf_counter()
+    lease = Lease(job.run_root / f"{sid}.lease", owner=f"job {job.job_id} pid {os.getpid()}", job=job.job_id,
+                  ttl_s=job.lease_ttl_s)
     try:
-        avatar, metrics = (_train_in_trial if job.workers == 1 else _train_with_ray_train)(job, sid)
-        entry = Registry(job.output / "avatars").put(sid, avatar)
-        shutil.rmtree(job.run_root / sid, ignore_errors=True)  # a re-run skips it now: checkpoints are spent
+        lease.acquire(on_wait=lambda held: tune.report({"status": "waiting", "reason": str(held)}))
+        with lease:
+            entry = job.trained(sid)
+            if entry is not None:
+                m = entry.metrics
+                return {"status": "skipped", "reason": "trained by another job meanwhile", "version": entry.version,
+                        "steps": m.get("steps", 0), "final_loss": m.get("final_loss", math.nan),
+                        "heldout_psnr": m.get("heldout_psnr", math.nan), "seconds": time.perf_counter() - start}
+            avatar, metrics = (_train_in_trial if job.workers == 1 else _train_with_ray_train)(job, sid)
+            lease.check()  # never register over a job that took an expired lease over
+            entry = job.registry().put(sid, avatar)
+            shutil.rmtree(job.run_root / sid, ignore_errors=True)  # a re-run skips it now: checkpoints are spent
     except Exception as e:  # this subject fails with its reason; the grid goes on
         return {"status": "failed", "reason": _reason(e), "seconds": time.perf_counter() - start}
     return {**metrics, "status": "done", "version": entry.version, "seconds": time.perf_counter() - start}
@@ -290,6 +328,10 @@ class _Progress(tune.Callback):
                      f"held-out PSNR {result.get('heldout_psnr', math.nan):.2f} dB{resumed}")
         elif result.get("status") == "failed":
             self.log(f"[failed] {sid}: {result['reason']}")
+        elif result.get("status") == "waiting":
+            self.log(f"[wait] {sid}: another job is training it ({result['reason']}); waiting for it")
+        elif result.get("status") == "skipped":
+            self.log(f"[skip] {sid}: {result['reason']} ({result['version']})")
         elif "step" in result:
             losses = f", loss {result['loss']:.4f}, batch PSNR {result['psnr']:.2f} dB" if "loss" in result else ""
             self.log(f"[train] {sid}: step {int(result['step'])}/{self.steps}{losses}")

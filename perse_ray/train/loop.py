@@ -60,18 +60,13 @@ class FrameSet:
         return FrameSet(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
 
-def check_device_name(name: str) -> str:
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be auto, cpu or cuda, got {name!r}")
-    return name
-
-
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is this process's current GPU when it sees one (Ray Train pins one per worker), else the CPU."""
-    if check_device_name(name) == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+    """``machine.device``: ``auto`` is this process's current GPU when it sees one (Ray Train pins one
+    per worker), else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but this process sees no CUDA GPU")
+        raise RuntimeError("machine.device=cuda but this process sees no CUDA GPU")
     return torch.device("cuda", torch.cuda.current_device())
 
 
@@ -142,20 +137,21 @@ def split_holdout(frames: FrameSet, fraction: float, seed: int) -> tuple[torch.T
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """This process's place in an initialised ``torch.distributed`` group. ``train_avatar`` then
-    trains on its own slice of every step's batch, averages gradients over the group, merges the
+    trains on its own share of every step's batch (``train.batch_size`` frames over all ranks, so the
+    result does not depend on the worker count), sums the ranks' gradients, merges the
     ranks' relocation statistics wherever they are used (relocation, checkpoints), and writes
     checkpoints on rank 0 only."""
 
     rank: int
     world_size: int
 
-    def average_gradients(self, params: list[torch.Tensor]) -> None:
-        """One all-reduce over every gradient, flattened (a missing gradient counts as zero)."""
+    def sum_gradients(self, params: list[torch.Tensor]) -> None:
+        """One all-reduce over every gradient, flattened (a missing gradient counts as zero). Each
+        rank's loss is its share of the global-batch mean, so the sum is the global gradient."""
         import torch.distributed as dist
 
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
         dist.all_reduce(flat)
-        flat /= self.world_size
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
 
@@ -232,17 +228,17 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     """Train one subject's avatar. Deterministic for ``config.train.seed`` (given thread count).
 
     ``checkpoint_dir`` gets ``ckpt-<step>/`` folders (avatar files + optimizer state) every
-    ``train.checkpoint_every`` steps; with ``resume`` the newest complete one is continued.
+    ``machine.checkpoint_every`` steps; with ``resume`` the newest complete one is continued.
     ``on_log(record, model)`` sees every log record, ``on_checkpoint(path, step)`` every checkpoint
     written (Ray reporting, curves). With ``parallel`` (data-parallel training) every rank resumes
     from ``checkpoint_dir``, only rank 0 writes there, and the others see ``on_checkpoint(None, step)``.
     """
-    tcfg, rcfg = config.train, config.render
+    tcfg, rcfg, machine = config.train, config.render, config.machine
     rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
     torch.manual_seed(tcfg.seed)
     rows = rows_from_table(frames) if isinstance(frames, pa.Table) else list(frames)
     layout = LatentLayout.from_config(config.synth, config.avatar.code_dim)
-    device = resolve_device(tcfg.device)
+    device = resolve_device(machine.device)
     data = frameset_from_rows(rows, layout, rcfg.width, rcfg.height)
     train_idx, held_idx = (i.to(device) for i in split_holdout(data, tcfg.holdout_fraction, tcfg.seed))
     data = data.to(device)
@@ -262,7 +258,10 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         init_from_portrait(model, train_set)
     morph_weight = torch.where(train_set.is_morph, tcfg.lambda_interp, 1.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    per_rank = min(tcfg.batch_size, len(train_set))
+    global_batch = min(tcfg.batch_size, len(train_set))
+    if world > global_batch:
+        raise ValueError(f"{world} workers cannot split a batch of {global_batch} frames: use at most "
+                         f"train.batch_size={tcfg.batch_size} workers per subject")
     t0 = time.perf_counter() - seconds_before
     bar = _progress(tcfg.steps, step, progress, subject_id)
     while step < tcfg.steps:
@@ -270,31 +269,31 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * decay
         # One draw for the whole group, so the generator (also used by relocation, and saved in
-        # checkpoints) stays identical on every rank; each rank trains on its own slice of it.
-        draw = torch.randint(len(train_set), (per_rank * world,), generator=gen)
-        batch_idx = draw[rank * per_rank:(rank + 1) * per_rank].to(device)
+        # checkpoints) stays identical on every rank; each rank trains on its own share of it.
+        draw = torch.randint(len(train_set), (global_batch,), generator=gen)
+        batch_idx = draw[rank::world].to(device)
         batch = train_set.subset(batch_idx)
-        rgb, g = render_frames(model, batch, rcfg.backend)
+        rgb, g = render_frames(model, batch, machine.render_backend)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim, lpips_model, tcfg.lambda_lpips)
-        loss = (per_frame * morph_weight[batch_idx]).mean()
-        if tcfg.lambda_latent:
-            loss = loss + tcfg.lambda_latent * sum((c**2).sum() for c in model.codes.values())
+        loss = (per_frame * morph_weight[batch_idx]).sum() / global_batch
+        if tcfg.lambda_latent:  # once over the group: each rank adds its share
+            loss = loss + tcfg.lambda_latent / world * sum((c**2).sum() for c in model.codes.values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if parallel:
-            parallel.average_gradients(params)
+            parallel.sum_gradients(params)
         optimizer.step()
         step += 1
         peak_opacity = torch.maximum(peak_opacity, g["opacities"].detach().amax(dim=0))
         relocate_now = tcfg.relocate_every and step % tcfg.relocate_every == 0 and step < 0.8 * tcfg.steps
-        checkpoint_now = ckpt_root and (step % tcfg.checkpoint_every == 0 or step == tcfg.steps)
+        checkpoint_now = ckpt_root and (step % machine.checkpoint_every == 0 or step == tcfg.steps)
         if parallel and (relocate_now or checkpoint_now):
             parallel.max_(peak_opacity)  # ranks agree where it is used, with one collective per use, not per step
         if relocate_now:
             relocate_dead(model, optimizer, peak_opacity, tcfg.dead_opacity, gen)
             peak_opacity.zero_()
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            record = {"step": step, "seconds": time.perf_counter() - t0, "loss": loss.item(),
+        if step % machine.log_every == 0 or step == tcfg.steps:
+            record = {"step": step, "seconds": time.perf_counter() - t0, "loss": loss.item() * world,  # rank 0's share, scaled
                       "psnr": float(psnr(rgb.detach().clamp(0, 1), batch.images))}
             history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.1f}")
@@ -313,7 +312,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
                "final_loss": history[-1]["loss"] if history else float("nan"),
                "num_frames": float(len(train_set)), "num_heldout_frames": float(len(held_idx))}
     if len(held_idx):
-        held = evaluate(model, data.subset(held_idx), rcfg.backend)
+        held = evaluate(model, data.subset(held_idx), machine.render_backend)
         metrics.update(heldout_psnr=held["psnr"], heldout_ssim=held["ssim"])
     return TrainResult(_make_avatar(model.cpu(), config, metrics, subject_id), metrics, history)
 
@@ -341,7 +340,8 @@ def init_from_portrait(model: AvatarModel, frames: FrameSet) -> None:
 
 def _make_avatar(model: AvatarModel, config: Config, metrics: dict, subject_id: str) -> Avatar:
     return Avatar(model, {"subject_id": subject_id, "camera": _camera_meta(config), "config": config.to_dict(),
-                          "metrics": metrics, "preset": config.preset, "config_hash": config.hash()})
+                          "metrics": metrics, "preset": config.preset, "config_hash": config.training_hash(),
+                          "synthesis_hash": config.synthesis_hash()})
 
 
 def _progress(total: int, initial: int, enabled: bool, subject_id: str):
