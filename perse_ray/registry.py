@@ -64,28 +64,36 @@ def _version_number(name: str) -> int:
 class AvatarEntry:
     subject_id: str
     version: str
-    path: Path  # absolute
+    registry_root: Path  # absolute
     latent_layout: str  # JSON
     metrics: dict[str, float]
     config_hash: str  # the training hash
     created_at: dt.datetime
     manifest: dict[str, Any] = field(default_factory=dict, compare=False)  # avatar.json's PUBLIC_FIELDS
 
+    @property
+    def path(self) -> Path:
+        """The version folder (made on use: building 10^4 paths would dominate ``list``)."""
+        return self.registry_root / self.subject_id / self.version
+
     def index_line(self) -> str:
         return json.dumps({"subject_id": self.subject_id, "version": self.version, "config_hash": self.config_hash,
-                           "manifest": self.manifest}, sort_keys=True) + "\n"
+                           "latent_layout": self.latent_layout, "manifest": self.manifest}, sort_keys=True) + "\n"
 
 
-def _entry_from_meta(root: Path, subject_id: str, version: str, meta: Any, config_hash: str | None = None) -> AvatarEntry:
+def _entry_from_meta(root: Path, subject_id: str, version: str, meta: Any, config_hash: str | None = None,
+                     latent_layout: str | None = None) -> AvatarEntry:
     """An entry from avatar.json's content (or an index line's manifest); ValueError if it is unusable."""
     if not isinstance(meta, dict) or not isinstance(meta.get("layout"), dict):
         raise ValueError("no latent layout in the manifest")
+    if latent_layout is None:
+        latent_layout = json.dumps(meta["layout"], sort_keys=True)
     created = dt.datetime.fromisoformat(str(meta.get("created_at") or "1970-01-01T00:00:00+00:00"))
     metrics = {k: float(v) for k, v in (meta.get("metrics") or {}).items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     public = {k: meta[k] for k in PUBLIC_FIELDS if k in meta}
-    return AvatarEntry(subject_id, version, root / subject_id / version, json.dumps(meta["layout"], sort_keys=True),
-                       metrics, str(meta.get("config_hash", "") if config_hash is None else config_hash), created,
+    config_hash = str(meta.get("config_hash", "")) if config_hash is None else config_hash
+    return AvatarEntry(subject_id, version, root, latent_layout, metrics, config_hash, created,
                        public)
 
 
@@ -328,7 +336,8 @@ class RegistryIndex:
         try:
             line = json.loads(raw)
             sid, version = validate_subject_id(line["subject_id"]), validate_version(line["version"])
-            return _entry_from_meta(self.registry.root, sid, version, line["manifest"], str(line["config_hash"])), ""
+            return _entry_from_meta(self.registry.root, sid, version, line["manifest"], str(line["config_hash"]),
+                                    str(line["latent_layout"])), ""
         except (ValueError, TypeError, KeyError) as e:
             return None, f"{type(e).__name__}: {e}"
 

@@ -1,12 +1,13 @@
 """End to end through a real `ray job submit` to a head node this test starts (and ends by pid).
 
 Two portraits plus one bad file, the ``tiny`` preset: exit 0, a report naming the quarantined
-file, avatars in the registry; a second submit trains nothing. Run inside a network namespace
-(``make test`` does).
+file, avatars in the registry; a second submit trains nothing; a third with more training steps
+trains anew and synthesizes nothing. Run inside a network namespace (``make test`` does).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -68,11 +69,11 @@ def head_node(tmp_path, tiny_models):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _submit(address: str, env: dict, portraits: Path, output: Path) -> subprocess.CompletedProcess:
+def _submit(address: str, env: dict, portraits: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "jobs/build_avatars.py", "--input", str(portraits), "--output", str(output), "--preset", "tiny"],
-        env=env, capture_output=True, text=True, timeout=800)
+         "python", "jobs/build_avatars.py", "--input", str(portraits), "--output", str(output), "--preset", "tiny",
+         *extra], env=env, capture_output=True, text=True, timeout=800)
 
 
 def test_ray_job_submit_builds_reports_and_resubmits_as_a_no_op(head_node, tmp_path):
@@ -102,3 +103,17 @@ def test_ray_job_submit_builds_reports_and_resubmits_as_a_no_op(head_node, tmp_p
     assert "0 trained, 2 skipped" in second.stdout, second.stdout[-3000:]
     assert sorted(p.parent.name for p in (output / "avatars").glob("*/v*/avatar.json")) == avatars  # no new version
     print(f"re-submit took {time.perf_counter() - start:.1f} s")
+
+    # a training setting: every subject trains anew on the frames it has; no frame is recomputed
+    parts = sorted((output / "synth" / "frames").glob("subject_id=*/*"))
+    stamps = {p: p.stat().st_mtime_ns for p in parts}
+    third = _submit(address, env, portraits, output, "--set", "train.steps=110")
+    assert third.returncode == 0, third.stdout[-4000:]
+    assert "2 trained, 0 skipped" in third.stdout, third.stdout[-3000:]
+    summary = json.loads((output / "synth" / "summary.json").read_text())
+    assert summary["skipped_complete"] == 2 and set(summary["seconds_per_stage"].values()) == {0.0}
+    assert {p: p.stat().st_mtime_ns for p in sorted((output / "synth" / "frames").glob("subject_id=*/*"))} == stamps
+    versions = sorted(p.parent.name for p in (output / "avatars").glob("*/v0002/avatar.json"))
+    assert versions == avatars and all(
+        json.loads(p.read_text())["config"]["train"]["steps"] == 110
+        for p in (output / "avatars").glob("*/v0002/avatar.json"))
