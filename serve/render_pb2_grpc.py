@@ -57,7 +57,8 @@ class RendererServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAvatars(self, request, context):
-        """The newest version of every avatar in the registry.
+        """The newest version of every usable avatar in the registry, sorted by id. A newly registered
+        avatar or version appears within index_refresh_s (1 s by default).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

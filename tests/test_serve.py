@@ -10,6 +10,7 @@ import importlib.util
 import io
 import socket
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,10 +78,10 @@ def test_stubs_match_proto(tmp_path):
 
 
 def test_render_spec_names_the_field_and_rounds_to_float32():
-    from serve.app import ApiError, render_spec
+    from serve.api import ApiError, ServeConfig, render_spec
 
     layout = make_avatar(0).layout
-    cfg = load_config("cpu-smoke").serve
+    cfg = ServeConfig()
     ok = dict(attributes={"hair": 0.1}, expression={}, latent=None, yaw=20.0, pitch=-5.0, width=32, height=32)
     spec = render_spec(layout, cfg, **ok)
     assert spec.attributes["hair"] == float(np.float32(0.1)) and spec.yaw == 20.0
@@ -102,6 +103,112 @@ def test_render_spec_names_the_field_and_rounds_to_float32():
         assert err.value.status == 422 and err.value.message.startswith(message), (change, err.value.message)
 
 
+class FileSystemCalls:
+    """Records every file-system call a block makes (stat, open, listing) while it is active."""
+
+    def __init__(self, monkeypatch):
+        import builtins
+        import os
+
+        self.calls: list[tuple[str, str]] = []
+        for module, names in ((os, ("stat", "lstat", "open", "scandir", "listdir", "access")),
+                              (builtins, ("open",)), (io, ("open",))):
+            for name in names:
+                monkeypatch.setattr(module, name, self._recording(name, getattr(module, name)))
+
+    def _recording(self, name, real):
+        def call(*args, **kwargs):
+            self.calls.append((name, str(args[0]) if args else ""))
+            return real(*args, **kwargs)
+        return call
+
+
+def _catalog(root: Path, **cfg):
+    from serve.api import Catalog, ServeConfig
+
+    return Catalog.open(root, ServeConfig(**cfg))
+
+
+def test_catalog_answers_every_request_from_memory(tmp_path, monkeypatch):
+    """After the first refresh, resolving, validating, listing and manifests touch no file; a refresh
+    with nothing new costs one stat of the index."""
+    from serve.api import ApiError
+
+    registry = Registry(tmp_path / "avatars")
+    for i, subject in enumerate(SUBJECTS):
+        registry.put(subject, make_avatar(i))
+    catalog = _catalog(tmp_path / "avatars")
+    fs = FileSystemCalls(monkeypatch)
+    job = catalog.job("ada", attributes={"hair": 1.0}, expression={"smile": 0.5}, latent=None, yaw=10.0,
+                      pitch=0.0, width=SIZE, height=SIZE)
+    assert job.model_id == "ada@v0001" and job.spec.attributes == {"hair": 1.0}
+    assert [s["id"] for s in catalog.summaries()] == list(SUBJECTS)
+    assert catalog.snapshot.listing_json.startswith(b'[{"id": "ada", "version": "v0001"')
+    manifest = catalog.manifest("bob")
+    assert manifest["version"] == "v0001" and manifest["camera"]["fov_deg"] == 30.0
+    assert not {"config", "config_hash", "subject_id"} & set(manifest)
+    for avatar_id, status in (("nobody", 404), ("../x", 400)):
+        with pytest.raises(ApiError) as err:
+            catalog.resolve(avatar_id)
+        assert err.value.status == status
+    assert fs.calls == []
+    assert catalog.refresh() is False
+    assert [name for name, _ in fs.calls] == ["stat"], fs.calls  # the guard sees file-system work
+
+
+def test_catalog_takes_in_a_new_version_on_refresh_only(tmp_path):
+    registry = Registry(tmp_path / "avatars")
+    registry.put("ada", make_avatar(0))
+    registry.put("bob", make_avatar(1))
+    catalog = _catalog(tmp_path / "avatars")
+    before = catalog.snapshot
+    registry.put("ada", make_avatar(2))
+    assert catalog.manifest("ada")["version"] == "v0001"  # memory until the next refresh
+    assert catalog.refresh() is True
+    assert catalog.manifest("ada")["version"] == "v0002"
+    after = catalog.snapshot
+    assert after.generation == before.generation + 1
+    assert after.avatars["bob"] is before.avatars["bob"]  # unchanged entries are not prepared again
+    assert [(s["id"], s["version"]) for s in catalog.summaries()] == [("ada", "v0002"), ("bob", "v0001")]
+
+
+def _append_index_line(root: Path, text: str) -> None:
+    with open(root / "index.jsonl", "a") as fh:
+        fh.write(text + "\n")
+
+
+def _corrupt_index(registry: Registry, good: str, bad: str) -> None:
+    """A garbled index line, and an entry for ``bad`` whose layout the registry accepts but no avatar
+    can have (copied from ``good``'s line)."""
+    import json
+
+    _append_index_line(registry.root, '{"subject_id": "zz-garbled", "version": "v00')
+    line = json.loads([t for t in (registry.root / "index.jsonl").read_text().splitlines()
+                       if f'"subject_id": "{good}"' in t][-1])
+    line["subject_id"], line["manifest"]["layout"] = bad, {"expressions": 3, "attributes": "hair"}
+    _append_index_line(registry.root, json.dumps(line))
+
+
+def test_catalog_leaves_out_a_corrupt_entry_and_fails_only_its_requests(tmp_path):
+    from serve.api import ApiError
+
+    registry = Registry(tmp_path / "avatars")
+    registry.put("ada", make_avatar(0))
+    registry.put("bob", make_avatar(1))
+    _corrupt_index(registry, "bob", "bob-broken")
+    catalog = _catalog(tmp_path / "avatars")
+    assert [s["id"] for s in catalog.summaries()] == ["ada", "bob"]
+    assert catalog.job("bob", attributes={}, expression={}, latent=None, yaw=0.0, pitch=0.0, width=SIZE,
+                       height=SIZE).model_id == "bob@v0001"
+    with pytest.raises(ApiError) as err:
+        catalog.job("bob-broken", attributes={}, expression={}, latent=None, yaw=0.0, pitch=0.0, width=SIZE,
+                    height=SIZE)
+    assert err.value.status == 500 and err.value.message.startswith("avatar bob-broken@v0001: unusable manifest")
+    problems = dict(catalog.stats()["problems"])
+    assert "bob-broken@v0001" in problems and any("index.jsonl" in where for where in problems)
+    assert catalog.stats()["problem_count"] == 2
+
+
 def test_build_app_checks_its_arguments(tmp_path, monkeypatch):
     from perse_ray.config import ConfigError
     from serve.app import build_app
@@ -115,6 +222,8 @@ def test_build_app_checks_its_arguments(tmp_path, monkeypatch):
         build_app({"registry": str(tmp_path), "max_batchsize": 4})
     with pytest.raises(ValueError, match="invalid serve config"):
         build_app({"registry": str(tmp_path), "max_batch_size": 0})
+    with pytest.raises(ValueError, match="invalid serve config"):
+        build_app({"registry": str(tmp_path), "index_refresh_s": 0})
     monkeypatch.setenv("PERSE_REGISTRY", str(tmp_path))  # replaces the config's registry
     assert build_app({"registry": str(tmp_path / "missing")}) is not None
 
@@ -366,19 +475,82 @@ def test_multiplexing_evicts_the_least_recently_used_avatar(server):
     assert _stats(server)["loads"] == again["loads"]
 
 
+def _visible(server, subject: str, version: str, timeout: float = 30.0) -> float:
+    """Seconds until the server's manifest of ``subject`` names ``version`` (polled every 20 ms)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        response = server["http"].get(f"/v1/avatars/{subject}")
+        if response.status_code == 200 and response.json()["version"] == version:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    raise AssertionError(f"{subject} {version} not served after {timeout} s")
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(240)
-def test_a_new_version_is_served_as_soon_as_it_is_registered(server):
+def test_a_new_version_is_served_within_the_refresh_delay(server):
+    """index_refresh_s (1 s here, the default) plus one refresh; 1 s of slack for a loaded machine."""
     http, registry = server["http"], server["registry"]
+    every = http.get("/v1/stats").json()["ingress"]["index"]["refresh_every_s"]
+    assert every == 1.0
     body = {"attributes": {"hair": 1}, "width": SIZE, "height": SIZE}
     old, new = make_avatar(20), make_avatar(21)
     registry.put("eve", old)
+    assert _visible(server, "eve", "v0001") <= every + 1.0
     first = http.post("/v1/avatars/eve/render", json=body)
     registry.put("eve", new)
-    assert http.get("/v1/avatars/eve").json()["version"] == "v0002"
+    assert _visible(server, "eve", "v0002") <= every + 1.0
+    assert [a["version"] for a in http.get("/v1/avatars").json() if a["id"] == "eve"] == ["v0002"]
     second = http.post("/v1/avatars/eve/render", json=body)
     assert np.array_equal(pixels(first.content), reference(old, attributes={"hair": 1}))
     assert np.array_equal(pixels(second.content), reference(new, attributes={"hair": 1}))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_a_loaded_avatar_renders_without_its_files(server):
+    """Once an avatar is loaded, neither the Ingress nor the Renderer reads its folder again: it still
+    renders (the same pixels) and its manifest is still served after the files are gone."""
+    http, avatar = server["http"], make_avatar(40)
+    entry = server["registry"].put("fay", avatar)
+    _visible(server, "fay", "v0001")
+    body = {"attributes": {"glasses": 1}, "camera": {"yaw": 15}, "width": SIZE, "height": SIZE}
+    first = http.post("/v1/avatars/fay/render", json=body)
+    assert first.status_code == 200, first.text
+    for name in ("model.safetensors", "avatar.json"):
+        (entry.path / name).unlink()
+    second = http.post("/v1/avatars/fay/render", json=body)
+    assert second.status_code == 200, second.text
+    assert np.array_equal(pixels(second.content), pixels(first.content))
+    assert np.array_equal(pixels(second.content), reference(avatar, attributes={"glasses": 1}, yaw=15))
+    assert http.get("/v1/avatars/fay").json()["camera"]["fov_deg"] == 30.0
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_corrupt_registry_entries_leave_the_good_avatars_served(server):
+    """A garbled index line and an entry with an impossible layout: listed as problems, left out of
+    both listings; the good avatars are listed and render; the bad one fails alone with a 500."""
+    from serve import render_pb2
+
+    http, registry = server["http"], server["registry"]
+    _corrupt_index(registry, "bob", "zz-bad")
+    after = make_avatar(50)
+    registry.put("zz-after", after)  # an entry after the corrupt lines is still read
+    _visible(server, "zz-after", "v0001")
+    listed = [a["id"] for a in http.get("/v1/avatars").json()]
+    assert listed[:3] == list(SUBJECTS) and "zz-after" in listed and "zz-bad" not in listed
+    grpc_listed = [a.id for a in server["grpc"].ListAvatars(render_pb2.ListAvatarsRequest()).avatars]
+    assert grpc_listed == listed
+    bad = http.post("/v1/avatars/zz-bad/render", json={"width": SIZE, "height": SIZE})
+    assert bad.status_code == 500 and "avatar zz-bad@v0001: unusable manifest" in bad.json()["detail"]
+    assert http.get("/v1/avatars/zz-bad").status_code == 500
+    index = http.get("/v1/stats").json()["ingress"]["index"]
+    assert index["problem_count"] >= 2 and "zz-bad@v0001" in dict(index["problems"])
+    for subject in ("bob", "zz-after"):
+        ok = http.post(f"/v1/avatars/{subject}/render", json={"width": SIZE, "height": SIZE})
+        assert ok.status_code == 200, ok.text
+    assert np.array_equal(pixels(ok.content), reference(after))
 
 
 @pytest.mark.ray
@@ -388,6 +560,7 @@ def test_a_corrupt_avatar_fails_alone(server):
 
     entry = server["registry"].put("zed", make_avatar(30))
     (entry.path / "model.safetensors").write_bytes(b"not a safetensors file")
+    _visible(server, "zed", "v0001")
     response = server["http"].post("/v1/avatars/zed/render", json={"width": SIZE, "height": SIZE})
     assert response.status_code == 500 and "unreadable safetensors file" in response.json()["detail"]
     import grpc
