@@ -32,7 +32,7 @@ from typing import Any, Literal
 import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRESETS = ("cpu", "cpu-smoke", "gpu", "tiny")
+PRESETS = ("cpu", "cpu-smoke", "gpu", "tiny", "scale")
 
 
 class ConfigError(ValueError):
@@ -172,6 +172,7 @@ class MachineConfig:
     render_backend: Literal["auto", "gsplat", "cpu", "torch"] = "auto"  # training's rasterizer (exact equals)
     log_every: int = 50
     checkpoint_every: int = 500
+    stall_timeout_s: float = 300.0  # synthesis with no output this long on a cluster too small for it fails
 
 
 @dataclass

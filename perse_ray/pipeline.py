@@ -287,22 +287,36 @@ STAGE_CLASSES = (IngestStage, EditStage, AnimateStage, MorphStage, IdFilterStage
 # --------------------------------------------------------------------------- graph
 
 
-def check_resources(cfg: Config, resources: dict[str, float]) -> None:
-    """Fixed-size actor pools that cannot all be placed wait forever: refuse them up front."""
+# Beside its actor pools the graph runs plain tasks (the repartitions between stages), each asking
+# Ray Data's default of one CPU: a cluster without room for one beside the actors stands still
+# with every stage at 0 and no error ("backpressured: ResourceBudget").
+TASK_CPU = 1.0
+
+
+def graph_needs(cfg: Config) -> dict[str, float]:
+    """Logical resources the whole graph holds at once: every actor plus one task."""
     actors = len(STAGE_CLASSES) * cfg.machine.actors_per_stage
-    for key, each in (("CPU", cfg.machine.cpus_per_actor), ("GPU", cfg.machine.gpus_per_actor)):
-        need, have = actors * each, resources.get(key, 0.0)
+    return {"CPU": actors * cfg.machine.cpus_per_actor + TASK_CPU, "GPU": actors * cfg.machine.gpus_per_actor}
+
+
+def check_resources(cfg: Config, resources: dict[str, float]) -> None:
+    """A graph that cannot be placed whole waits forever: refuse it up front, naming the shortfall."""
+    actors = len(STAGE_CLASSES) * cfg.machine.actors_per_stage
+    for key, need in graph_needs(cfg).items():
+        have = resources.get(key, 0.0)
         if need > have + 1e-9:
-            raise RuntimeError(f"{actors} synthesis actors need {need:g} {key} but the cluster has "
-                               f"{have:g}: lower machine.actors_per_stage or machine.{key.lower()}s_per_actor")
+            tasks = f" + {TASK_CPU:g} for its tasks" if key == "CPU" else ""
+            raise RuntimeError(f"synthesis needs {need:g} {key} ({actors} actors x "
+                               f"{getattr(cfg.machine, key.lower() + 's_per_actor'):g}{tasks}), the cluster has "
+                               f"{have:g}: lower machine.actors_per_stage or machine.{key.lower()}s_per_actor, "
+                               "or add nodes")
 
 
 def local_num_cpus(cfg: Config) -> int:
-    """Logical CPUs for a local Ray: the machine's, raised so every actor fits with 2 to spare for
-    Ray Data's own tasks (actors are mostly waiting on each other's output: oversubscribing the
-    logical count is safe, starving the readers is not)."""
-    need = len(STAGE_CLASSES) * cfg.machine.actors_per_stage * cfg.machine.cpus_per_actor
-    return max(os.cpu_count() or 1, math.ceil(need) + 2)
+    """Logical CPUs for a local Ray: the machine's, raised so the whole graph fits with one to spare
+    (actors are mostly waiting on each other's output: oversubscribing the logical count is safe,
+    starving the tasks is not)."""
+    return max(os.cpu_count() or 1, math.ceil(graph_needs(cfg)["CPU"]) + 1)
 
 
 def build_dataset(cfg: Config, candidates: list[Candidate]):
@@ -326,11 +340,59 @@ def build_dataset(cfg: Config, candidates: list[Candidate]):
     return ds
 
 
-def run_pipeline(cfg: Config, candidates: list[Candidate]) -> Iterator[pa.Table]:
+def run_pipeline(cfg: Config, candidates: list[Candidate], log=print) -> Iterator[pa.Table]:
     """Stream the graph's output blocks (subject, frame and error rows) as they complete."""
     if not candidates:
         return
-    yield from build_dataset(cfg, candidates).iter_batches(batch_size=None, batch_format="pyarrow")
+    import ray
+
+    blocks = build_dataset(cfg, candidates).iter_batches(batch_size=None, batch_format="pyarrow")
+    yield from watch_progress(blocks, graph_needs(cfg), ray.cluster_resources, cfg.machine.stall_timeout_s, log)
+
+
+def watch_progress(blocks: Iterator, needs: dict[str, float], cluster_resources, stall_timeout_s: float,
+                   log=print) -> Iterator:
+    """``blocks``, failing instead of hanging when none came for ``stall_timeout_s`` while the cluster
+    (e.g. after a node left) holds less than the graph ``needs``; a slow graph on a big enough
+    cluster only gets a line saying so."""
+    import queue
+    import threading
+
+    inbox: queue.Queue = queue.Queue(maxsize=2)
+    done = object()
+
+    def pump():
+        try:
+            for block in blocks:
+                inbox.put(block)
+            inbox.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            inbox.put(e)
+
+    threading.Thread(target=pump, name="synthesis blocks", daemon=True).start()
+    last = time.monotonic()
+    while True:
+        try:
+            item = inbox.get(timeout=min(stall_timeout_s, 10.0))
+        except queue.Empty:
+            idle = time.monotonic() - last
+            if idle < stall_timeout_s:
+                continue
+            have = cluster_resources()
+            short = {k: (need, have.get(k, 0.0)) for k, need in needs.items() if need > have.get(k, 0.0) + 1e-9}
+            if short:
+                raise RuntimeError("synthesis made no progress for {:.0f} s: ".format(idle) + "; ".join(
+                    f"it needs {need:g} {k}, the cluster has {got:g}" for k, (need, got) in short.items())
+                    + " (a node left?): add nodes or lower machine.actors_per_stage")
+            log(f"no synthesis output for {idle:.0f} s; the cluster holds what the graph needs: still waiting")
+            last = time.monotonic()
+            continue
+        if item is done:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.monotonic()
+        yield item
 
 
 def synthesize(cfg: Config, discovery: Discovery, output: Path, log=print) -> dict:
@@ -355,7 +417,7 @@ def _synthesize(cfg: Config, discovery: Discovery, folder: OutputFolder, start: 
     for row in rejected.values():
         log(f"[skip] {row['subject_id']}: turned down at ingest before ({row['reason']})")
     writer = FramesWriter(folder, frames_per_subject(cfg), log)
-    for block in run_pipeline(cfg, todo):
+    for block in run_pipeline(cfg, todo, log):
         writer.add_block(block)
     rejected_before = [{k: row[k] for k in SUBJECTS.names} for row in rejected.values()]
     turned_down = writer.rejected()

@@ -65,7 +65,7 @@ def test_bad_overrides_fail_naming_the_key(override, message):
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ConfigError, match="unknown preset 'gpus'; choices: cpu, cpu-smoke, gpu, tiny"):
+    with pytest.raises(ConfigError, match="unknown preset 'gpus'; choices: cpu, cpu-smoke, gpu, tiny, scale"):
         load_config("gpus")
 
 

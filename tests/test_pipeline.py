@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -227,12 +228,34 @@ def test_resources_and_model_checks():
     from perse_ray.pipeline import check_resources, frames_per_subject, resolve_models
 
     cfg = load_config("cpu", ["machine.actors_per_stage=2"])
-    with pytest.raises(RuntimeError, match="10 synthesis actors need 5 CPU"):
-        check_resources(cfg, {"CPU": 4.0})
-    check_resources(cfg, {"CPU": 5.0})
+    with pytest.raises(RuntimeError, match=r"synthesis needs 6 CPU \(10 actors x 0.5 \+ 1 for its tasks\), the cluster has 5"):
+        check_resources(cfg, {"CPU": 5.0})
+    check_resources(cfg, {"CPU": 6.0})
+    # the hang measured on a 1 + 2 CPU cluster: 5 cpu-smoke actors took 2.5 CPUs, no task could run
+    with pytest.raises(RuntimeError, match="synthesis needs 3.5 CPU .*, the cluster has 3"):
+        check_resources(load_config("cpu-smoke"), {"CPU": 3.0})
     cpu = load_config("cpu")  # 3 attributes × 2 edits, 2 morph alphas per adjacent pair
     assert frames_per_subject(cpu) == cpu.synth.motion.num_frames * (1 + 6 + 6 * 2)
     assert resolve_models(load_config("cpu")).synth.edit_model == "timbrooks/instruct-pix2pix"  # unused: untouched
     with pytest.raises(ModelNotFoundError, match="/missing/ip2p"):
         resolve_models(load_config("gpu", ["synth.edit_model=/missing/ip2p"]))
     np.testing.assert_equal(resolve_models(load_config("gpu")).faces.model, "buffalo_l")
+
+
+def test_a_graph_that_stalls_on_a_shrunken_cluster_fails_naming_the_shortfall():
+    from perse_ray.pipeline import watch_progress
+
+    def blocks(stall_after, pause_s=30.0, then=("never",)):
+        yield from range(stall_after)
+        time.sleep(pause_s)  # no output for a while: the graph's actors lost their node, or are slow
+        yield from then
+
+    needs = {"CPU": 3.5, "GPU": 0.0}
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="no progress for 1 s: it needs 3.5 CPU, the cluster has 2 "):
+        assert list(watch_progress(blocks(2), needs, lambda: {"CPU": 2.0}, 1.0)) == [0, 1]
+    assert time.monotonic() - start < 10
+    # on a cluster that still holds the graph it only says so, and the blocks go on
+    lines = []
+    assert list(watch_progress(blocks(2, 1.6, [2]), needs, lambda: {"CPU": 4.0}, 0.5, lines.append)) == [0, 1, 2]
+    assert lines and "still waiting" in lines[0]

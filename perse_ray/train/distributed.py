@@ -2,18 +2,21 @@
 
     results = train_subjects("synth/", "out/", load_config("cpu"), workers_per_subject=2)
 
-A Tune grid over subjects; each trial trains one subject. With ``workers_per_subject > 1`` the
-trial runs a Ray Train ``TorchTrainer``: DDP (gloo on CPUs, nccl on GPUs), each rank training its
-share of every step's global batch (``loop.DataParallel``), rank 0 reporting checkpoints, restarts
-resuming from the last one. With one worker the trial runs the loop itself, which saves starting a
-worker group; the loop's own checkpoints then give the same resume. Under ``output``:
+One worker per subject (the common case, and the one that scales to thousands): a pool of
+long-lived trainer actors, one per concurrent subject, takes subjects from the driver's queue and
+runs the loop in-process; a subject costs one actor call of orchestration, not a trial or a worker
+group. An actor that dies with its node is replaced and its subject retried (up to
+``max_failures``), resuming from the loop's own checkpoints. With ``workers_per_subject > 1`` a
+Tune grid runs one trial per subject, each driving a Ray Train ``TorchTrainer``: DDP (gloo on CPUs,
+nccl on GPUs), each rank training its share of every step's global batch (``loop.DataParallel``),
+rank 0 reporting checkpoints, restarts resuming from the last one. Under ``output``:
 
     avatars/                                        the registry: safetensors + JSON + its index
     ray_train/<training hash>/<subject>.lease       who trains the subject now (perse_ray.lease)
     ray_train/<training hash>/<subject>/            an unfinished subject's checkpoints, used only by
                                                     the lease holder; a re-run resumes from them
                                                     (removed once the avatar is in the registry)
-    ray_train/<training hash>/_tune-<time>-<job>/   this job's Tune experiment state (its pickles)
+    ray_train/<training hash>/_tune-<time>-<job>/   a DDP job's Tune experiment state (its pickles)
 
 Subjects already in the registry for the training hash are skipped before any trainer is built. A
 trial takes the subject's lease first, so two jobs on one output never train a subject twice: the
@@ -64,6 +67,7 @@ class SubjectResult:
     final_loss: float = math.nan
     heldout_psnr: float = math.nan  # on motion-script frames the training never saw
     resumed_from: int = 0  # checkpoint step the training continued from (0: from scratch)
+    node: str = ""  # the Ray node it trained on (one-worker subjects)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +163,12 @@ def _run_grid(job: _Job, max_concurrent: int | None, log) -> list[SubjectResult]
                                f"the cluster has {have.get(kind, 0.0):g}: use fewer workers per subject or fewer "
                                f"{kind}s per worker")
         fits.append(int(have[kind] / need + 1e-9))
-    concurrency = max_concurrent or max(1, min(fits))
+    concurrency = min(max_concurrent or max(1, min(fits)), len(job.partitions))
     log(f"training {len(job.partitions)} subject(s), {job.workers} worker(s) each"
         f"{' on GPUs' if job.gpus_per_worker else ''}, up to {concurrency} at once; run state in {job.run_root}")
-    trial_resources = {k.lower(): v for k, v in _worker_resources(job).items()} if direct else {"cpu": TRIAL_CPU}
-    trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job), trial_resources)
+    if direct:
+        return _run_pool(job, concurrency, log)
+    trainable = tune.with_resources(tune.with_parameters(_subject_trial, job=job), {"cpu": TRIAL_CPU})
     tuner = tune.Tuner(
         trainable,
         param_space={"subject_id": tune.grid_search(list(job.partitions))},
@@ -199,7 +204,7 @@ def _subject_result(sid: str, m: dict) -> SubjectResult:
         return SubjectResult(sid, "failed", m.get("reason") or "the trial ended without a result",
                              seconds=m.get("seconds", 0.0))
     return SubjectResult(sid, "done", "", m["version"], int(m["steps"]), m["seconds"], m["final_loss"],
-                         m.get("heldout_psnr", math.nan), int(m["resumed_from"]))
+                         m.get("heldout_psnr", math.nan), int(m["resumed_from"]), m.get("node", ""))
 
 
 def _reason(error: BaseException) -> str:
@@ -208,14 +213,84 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1].strip() if lines else ''}"[:REASON_CHARS]
 
 
+@ray.remote
+class _SubjectTrainer:
+    """A long-lived training process: trains the subjects the driver hands it, one at a time."""
+
+    def __init__(self, job: _Job, events):
+        self.job, self.events = job, events
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def train(self, sid: str) -> dict:
+        return {**train_subject(self.job, sid, lambda record: self.events.put((sid, record))), "node": self.node()}
+
+
+def _run_pool(job: _Job, concurrency: int, log) -> list[SubjectResult]:
+    """Subjects through ``concurrency`` trainer actors; a dead actor is replaced and its subject retried."""
+    from ray.util.queue import Queue
+
+    events = Queue(actor_options={"num_cpus": 0})
+    options = {"num_cpus": job.cpus_per_worker, "num_gpus": job.gpus_per_worker, "max_concurrency": 1}
+    progress = _Progress(job.config.train.steps, log)
+    pending, failures, running, out = list(reversed(job.partitions)), {}, {}, []
+
+    def start(actor) -> None:
+        sid = pending.pop()
+        running[actor.train.remote(sid)] = (actor, sid)
+
+    def drain() -> None:
+        while not events.empty():
+            sid, record = events.get_nowait()
+            progress.show(sid, record)
+
+    try:
+        for _ in range(concurrency):
+            start(_SubjectTrainer.options(**options).remote(job, events))
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            drain()
+            for ref in ready:
+                actor, sid = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as e:  # the process or its node died: a new actor retries
+                    failures[sid] = failures.get(sid, 0) + 1
+                    if failures[sid] > job.max_failures:
+                        out.append(SubjectResult(sid, "failed", f"its trainer died {failures[sid]} times: {_reason(e)}"))
+                        log(f"[failed] {sid}: {out[-1].reason}")
+                    else:
+                        log(f"[retry] {sid}: its trainer died ({type(e).__name__}); retrying from its last checkpoint")
+                        pending.append(sid)
+                    ray.kill(actor)  # dead already, or broken: never reused
+                    actor = _SubjectTrainer.options(**options).remote(job, events)
+                else:
+                    progress.show(sid, result)
+                    out.append(_subject_result(sid, result))
+                if pending:
+                    start(actor)
+        drain()
+    finally:
+        for actor, _ in running.values():
+            ray.kill(actor)
+        ray.kill(events.actor)
+    return out
+
+
 def _subject_trial(params: dict, job: _Job) -> dict:
-    """One Tune trial: take the subject's lease, train it unless another job registered it meanwhile,
-    put its avatar into the registry; the final result says how it went."""
-    sid, start = params["subject_id"], time.perf_counter()
+    """One Tune trial (DDP subjects): ``train_subject`` reporting to Tune."""
+    return train_subject(job, params["subject_id"], tune.report)
+
+
+def train_subject(job: _Job, sid: str, report: Callable[[dict], Any]) -> dict:
+    """Take the subject's lease, train it unless another job registered it meanwhile, put its avatar
+    into the registry; the returned result says how it went (``report`` hears progress on the way)."""
+    start = time.perf_counter()
     lease = Lease(job.run_root / f"{sid}.lease", owner=f"job {job.job_id} pid {os.getpid()}", job=job.job_id,
                   ttl_s=job.lease_ttl_s)
     try:
-        lease.acquire(on_wait=lambda held: tune.report({"status": "waiting", "reason": str(held)}))
+        lease.acquire(on_wait=lambda held: report({"status": "waiting", "reason": str(held)}))
         with lease:
             entry = job.trained(sid)
             if entry is not None:
@@ -223,7 +298,7 @@ def _subject_trial(params: dict, job: _Job) -> dict:
                 return {"status": "skipped", "reason": "trained by another job meanwhile", "version": entry.version,
                         "steps": m.get("steps", 0), "final_loss": m.get("final_loss", math.nan),
                         "heldout_psnr": m.get("heldout_psnr", math.nan), "seconds": time.perf_counter() - start}
-            avatar, metrics = (_train_in_trial if job.workers == 1 else _train_with_ray_train)(job, sid)
+            avatar, metrics = _train_in_process(job, sid, report) if job.workers == 1 else _train_with_ray_train(job, sid)
             lease.check()  # never register over a job that took an expired lease over
             entry = job.registry().put(sid, avatar)
             shutil.rmtree(job.run_root / sid, ignore_errors=True)  # a re-run skips it now: checkpoints are spent
@@ -232,13 +307,13 @@ def _subject_trial(params: dict, job: _Job) -> dict:
     return {**metrics, "status": "done", "version": entry.version, "seconds": time.perf_counter() - start}
 
 
-def _train_in_trial(job: _Job, sid: str) -> tuple[Avatar, dict]:
-    """One worker: the loop in the trial process; a retried trial or a re-run resumes from its checkpoints."""
+def _train_in_process(job: _Job, sid: str, report: Callable[[dict], Any]) -> tuple[Avatar, dict]:
+    """One worker: the loop in this process; a retry or a re-run resumes from its checkpoints."""
     ckpt_dir = job.run_root / sid / LOOP_CHECKPOINTS
     latest = latest_checkpoint(ckpt_dir)
     resumed_from = _step_of(latest) if latest else 0
     result = train_avatar(read_frames(job.partitions[sid]), job.config, ckpt_dir, progress=False, subject_id=sid,
-                          on_log=lambda record, _: tune.report(dict(record)))
+                          on_log=lambda record, _: report(dict(record)))
     return result.avatar, {**result.metrics, "resumed_from": resumed_from}
 
 
@@ -314,14 +389,16 @@ def _step_of(checkpoint: Path) -> int:
 
 
 class _Progress(tune.Callback):
-    """A line per reported step (log steps with one worker, checkpoints with several), retry and
-    end of each subject (runs in the driver)."""
+    """A line per reported step (log steps with one worker, checkpoints with several), wait, retry
+    and end of each subject (runs in the driver: Tune's callback, or called by the trainer pool)."""
 
     def __init__(self, steps: int, log: Callable[[str], Any]):
         self.steps, self.log = steps, log
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        sid = trial.config["subject_id"]
+        self.show(trial.config["subject_id"], result)
+
+    def show(self, sid: str, result: dict) -> None:
         if result.get("status") == "done":
             resumed = f", resumed from step {result['resumed_from']}" if result["resumed_from"] else ""
             self.log(f"[done] {sid}: {result['version']}, {int(result['steps'])} steps in {result['seconds']:.1f} s, "
