@@ -6,7 +6,8 @@
 
 Stages: synthesize (<output>/synth: aligned portraits, edits, animations, morphs, identity
 filter) → train one avatar per subject (<output>/avatars, the registry Serve reads) → evaluate
-(<output>/eval) → report (<output>/report/index.html). Every stage skips finished work, so a
+(<output>/eval) → report (<output>/report/index.html). <output>/build.json sums the run up for
+machines: seconds per stage, every subject's outcome and the node it trained on, the exit code. Every stage skips finished work, so a
 re-run with the same input, output and config does nothing new and a killed run resumes; new
 portraits added to the folder are processed alone. Each stage keys its outputs by the hash of
 what changes them: a new training setting (--set train.steps=…) reuses every synthesized frame,
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; use absolute paths on a cluster)")
+    p.add_argument("--no-evaluation", action="store_true",
+                   help="stop after training: no evaluation figures and no HTML report (large builds)")
     add_training_arguments(p)
     add_config_arguments(p)
     return p.parse_args(argv)
@@ -79,19 +82,39 @@ def main(argv: list[str] | None = None) -> int:
         except RuntimeError as e:
             return fail(e, 1)
         seconds["train"] = time.perf_counter() - t
-    t = time.perf_counter()
-    figures = evaluate_registry(output / "avatars", synth_dir / "frames", output / "eval",
-                                log=lambda line: print(line, flush=True))
-    seconds["evaluate"] = time.perf_counter() - t
-    t = time.perf_counter()
-    index = write_build_report(output, synth_dir, results, figures)
-    seconds["report"] = time.perf_counter() - t
+    index = None
+    if not args.no_evaluation:
+        t = time.perf_counter()
+        figures = evaluate_registry(output / "avatars", synth_dir / "frames", output / "eval",
+                                    log=lambda line: print(line, flush=True))
+        seconds["evaluate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        index = write_build_report(output, synth_dir, results, figures)
+        seconds["report"] = time.perf_counter() - t
 
     print(training_table(results))
     print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    print(f"report: {index}")
+    if index is not None:
+        print(f"report: {index}")
     print(f"serve it: PERSE_REGISTRY={output / 'avatars'} serve run serve/config.yaml")
-    return exit_code(results, summary["failed"])
+    code = exit_code(results, summary["failed"])
+    write_build_summary(output, code, seconds, summary, results)
+    return code
+
+
+def write_build_summary(output: Path, code: int, seconds: dict, synthesis: dict, results) -> Path:
+    import dataclasses
+    import json
+
+    from perse_ray.synth.write import atomic_write_bytes
+
+    payload = {"exit_code": code, "seconds_per_stage": {k: round(v, 3) for k, v in seconds.items()},
+               "synthesis": {k: synthesis[k] for k in ("subjects", "reasons", "failed", "skipped_complete",
+                                                       "seconds_per_stage", "synthesis_hash")},
+               "subjects": [dataclasses.asdict(r) for r in results]}
+    path = output / "build.json"
+    atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
+    return path
 
 
 def write_build_report(output: Path, synth_dir: Path, results, figures) -> Path:

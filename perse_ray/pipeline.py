@@ -340,6 +340,24 @@ def build_dataset(cfg: Config, candidates: list[Candidate]):
     return ds
 
 
+GRAPH_ATTEMPTS = 3  # runs of the graph when a node (its actors, its blocks) is lost mid-run
+
+
+def _cluster_lost_work(error: BaseException) -> bool:
+    """A failure of the cluster (a dead node, actor or object), not of the data or the code."""
+    import ray.exceptions as rex
+
+    lost = (rex.NodeDiedError, rex.ActorDiedError, rex.ObjectLostError, rex.OwnerDiedError, rex.WorkerCrashedError,
+            rex.RaySystemError, rex.ActorUnavailableError)
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, lost) or "died" in str(error).lower() and isinstance(error, rex.RayError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run_pipeline(cfg: Config, candidates: list[Candidate], log=print) -> Iterator[pa.Table]:
     """Stream the graph's output blocks (subject, frame and error rows) as they complete."""
     if not candidates:
@@ -417,8 +435,19 @@ def _synthesize(cfg: Config, discovery: Discovery, folder: OutputFolder, start: 
     for row in rejected.values():
         log(f"[skip] {row['subject_id']}: turned down at ingest before ({row['reason']})")
     writer = FramesWriter(folder, frames_per_subject(cfg), log)
-    for block in run_pipeline(cfg, todo, log):
-        writer.add_block(block)
+    remaining = todo
+    for attempt in range(GRAPH_ATTEMPTS):
+        try:
+            for block in run_pipeline(cfg, remaining, log):
+                writer.add_block(block)
+            break
+        except Exception as e:  # noqa: BLE001 - only the cluster's losses are retried, below
+            if not _cluster_lost_work(e) or attempt + 1 == GRAPH_ATTEMPTS:
+                raise
+            writer.drop_unfinished()
+            remaining = [c for c in todo if writer.unsettled(c.subject_id)]
+            log(f"[retry] the graph lost work with a node ({type(e).__name__}); running it again for the "
+                f"{len(remaining)} subject(s) not yet complete")
     rejected_before = [{k: row[k] for k in SUBJECTS.names} for row in rejected.values()]
     turned_down = writer.rejected()
     written = writer.finish({c.subject_id: (c.source_path, c.content_sha256) for c in todo})

@@ -236,6 +236,19 @@ class FramesWriter:
         self.done.add(sid)
         self.log(f"[write] {sid}: {self.counts[sid]} frames complete")
 
+    def unsettled(self, sid: str) -> bool:
+        """Neither complete, nor failed, nor turned down at ingest: the graph must run it (again)."""
+        row = self.subjects.get(sid)
+        return sid not in self.done and sid not in self.failed and (row is None or row["status"] == "ok")
+
+    def drop_unfinished(self) -> None:
+        """Forget what arrived of unsettled subjects (a rerun of the graph sends all of it again)."""
+        for sid in [s for s in set(self.counts) | set(self.subjects) if self.unsettled(s)]:
+            self.counts.pop(sid, None)
+            self.parts.pop(sid, None)
+            self.subjects.pop(sid, None)
+            shutil.rmtree(partition_dir(self.staging, sid), ignore_errors=True)
+
     def fail(self, sid: str, reason: str) -> None:
         if sid in self.failed:
             return
