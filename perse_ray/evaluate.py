@@ -16,8 +16,11 @@ Pure functions over an ``Avatar`` (no Ray). Figures:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,7 @@ from PIL import Image
 from perse_ray.avatar.io import Avatar, load_avatar
 
 IDENTITY_YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
-FIGURES_VERSION = 2  # part of the cache file name: raise it when a figure's definition changes
+FIGURES_VERSION = 2  # part of the cache key and file name: raise it when a figure's definition changes
 SLIDER_STEPS = 16
 
 
@@ -120,17 +123,64 @@ def read_partition(frames_root: Path, subject_id: str) -> tuple[list[dict], dict
     return rows, subject
 
 
+def cache_key(entry, frames_root: Path | None) -> dict:
+    """What an avatar's figures are computed from, for the evaluation cache: the figures' version,
+    the avatar (version, training hash and its avatar.json, which changes with every save) and the
+    frames (none given, no partition for the subject, or the partition's ``_COMPLETE`` marker and
+    its files' names and sizes: a rewritten partition is a different one)."""
+    from perse_ray.avatar.io import META_FILE
+
+    meta = Path(entry.path) / META_FILE
+    key = {"figures_version": FIGURES_VERSION, "subject_id": entry.subject_id, "version": entry.version,
+           "training_hash": entry.config_hash,
+           "avatar_json": hashlib.sha256(meta.read_bytes()).hexdigest() if meta.is_file() else None,
+           "frames": None}
+    if frames_root is not None:
+        from perse_ray.synth.write import COMPLETE
+
+        part = Path(frames_root) / f"subject_id={entry.subject_id}"
+        if not part.is_dir():
+            key["frames"] = "no partition"
+        else:
+            marker = part / COMPLETE
+            key["frames"] = {
+                "complete": marker.read_text(errors="replace") if marker.is_file() else None,
+                "files": sorted((f.name, f.stat().st_size) for f in part.iterdir()
+                                if f.is_file() and not f.name.startswith(".")),
+            }
+    return key
+
+
+def cache_file(cache_dir: Path, entry, key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / entry.subject_id / f"{entry.version}.figures-v{FIGURES_VERSION}.{digest}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temp file of this writer's own, so concurrent evaluators never share one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cache_dir: Path | None = None,
                       log=print) -> dict[str, dict[str, float]]:
-    """Figures for the newest version of every avatar; cached per version as JSON in ``cache_dir``."""
+    """Figures for the newest version of every avatar; cached as JSON in ``cache_dir`` under a key
+    of everything they are computed from (``cache_key``): figures made without frames, or from
+    other frames, are not reused for these."""
     from perse_ray.config import Config, from_dict
     from perse_ray.faces import load_face_model
     from perse_ray.registry import Registry
 
     results, face_models = {}, {}
     for entry in Registry(registry_root).latest():
-        name = f"{entry.version}.figures-v{FIGURES_VERSION}.json"
-        cached = cache_dir / entry.subject_id / name if cache_dir else None
+        cached = cache_file(cache_dir, entry, cache_key(entry, frames_root)) if cache_dir else None
         if cached and cached.is_file():
             results[entry.subject_id] = json.loads(cached.read_text())
             continue
@@ -151,8 +201,5 @@ def evaluate_registry(registry_root: Path, frames_root: Path | None = None, cach
         results[entry.subject_id] = figures
         log(f"[eval] {entry.subject_id} {entry.version}: " + ", ".join(f"{k}={v:.3f}" for k, v in figures.items()))
         if cached:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.tmp")
-            tmp.write_text(json.dumps(figures, indent=1, sort_keys=True))
-            tmp.replace(cached)
+            _write_atomic(cached, json.dumps(figures, indent=1, sort_keys=True))
     return results

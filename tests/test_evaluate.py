@@ -201,3 +201,58 @@ def test_report_names_quarantined_inputs_and_writes_strips(tmp_path, trained):
     for name in ("frames.png", "turntable.png", "expressions.png"):
         assert (tmp_path / "report" / "head-1" / name).is_file()
     assert "http" not in text.replace("http-equiv", "")  # opens from disk: nothing remote
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def _write_partition(frames_root, rows, synthesis_hash):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from perse_ray.schema import table_from_rows
+    from perse_ray.synth.write import COMPLETE
+
+    part = frames_root / f"subject_id={rows[0]['subject_id']}"
+    part.mkdir(parents=True, exist_ok=True)
+    for old in part.glob("part-*.parquet"):
+        old.unlink()
+    pq.write_table(table_from_rows(rows, "frames"), part / "part-00000.parquet")
+    (part / COMPLETE).write_text(json.dumps({"subject_id": rows[0]["subject_id"], "synthesis_hash": synthesis_hash,
+                                             "frames": len(rows)}))
+
+
+def test_cache_is_keyed_by_what_the_figures_were_computed_from(trained, tmp_path):
+    from perse_ray.config import Config, from_dict
+    from perse_ray.evaluate import evaluate_registry
+    from perse_ray.registry import Registry
+
+    avatar, rows = trained
+    Registry(tmp_path / "avatars").put(rows[0]["subject_id"], avatar)
+    frames, cache = tmp_path / "frames", tmp_path / "eval"
+    synthesis_hash = from_dict(Config, avatar.meta["config"]).synthesis_hash()
+    _write_partition(frames, rows, synthesis_hash)
+    computed = []
+
+    def evaluate(frames_root):
+        (figures,) = evaluate_registry(tmp_path / "avatars", frames_root, cache, log=computed.append).values()
+        return figures
+
+    without = evaluate(None)
+    assert not any(k.startswith("leakage_") for k in without) and len(computed) == 1
+    # The same avatar, now with frames: the figures cached without them are not reused.
+    with_frames = evaluate(frames)
+    assert len(computed) == 2
+    assert {k for k in with_frames if k.startswith("leakage_")} == {f"leakage_{a.name}" for a in avatar.layout.attributes}
+    # Each is reused for what it was computed from.
+    assert evaluate(frames) == with_frames and evaluate(None) == without and len(computed) == 2
+    # The partition rewritten with other content (only the hair videos): recomputed, not reused.
+    _write_partition(frames, [r for r in rows if r["attribute"] in ("", "hair")], synthesis_hash)
+    hair_only = evaluate(frames)
+    assert len(computed) == 3 and "leakage_hair" in hair_only and "leakage_glasses" not in hair_only
+    # A new version of the avatar is evaluated anew, and the writes left no temp files behind.
+    Registry(tmp_path / "avatars").put(rows[0]["subject_id"], avatar)
+    evaluate(frames)
+    assert len(computed) == 4 and "v0002" in computed[-1]
+    assert not [p for p in cache.rglob("*") if p.name.startswith(".")]
