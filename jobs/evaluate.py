@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--registry", required=True, type=Path, help="the avatars/ folder of a build")
     p.add_argument("--frames", type=Path, default=None, help="the synthesis frames/ folder (optional)")
-    p.add_argument("--cache", type=Path, default=None, help="reuse/write results here (keyed by avatar version, training hash and the frames used)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="reuse/write results here (keyed by the avatar version, its training hash and the frames)")
     p.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
     args = p.parse_args(argv)
     if not args.registry.is_dir():
