@@ -185,7 +185,8 @@ def _corrupt_index(registry: Registry, good: str, bad: str) -> None:
     _append_index_line(registry.root, '{"subject_id": "zz-garbled", "version": "v00')
     line = json.loads([t for t in (registry.root / "index.jsonl").read_text().splitlines()
                        if f'"subject_id": "{good}"' in t][-1])
-    line["subject_id"], line["manifest"]["layout"] = bad, {"expressions": 3, "attributes": "hair"}
+    impossible = {"expressions": 3, "attributes": "hair"}
+    line["subject_id"], line["latent_layout"], line["manifest"]["layout"] = bad, json.dumps(impossible), impossible
     _append_index_line(registry.root, json.dumps(line))
 
 
