@@ -29,7 +29,7 @@ import numpy as np
 
 from perse_ray.avatar.layout import LatentLayout
 from perse_ray.config import from_dict
-from perse_ray.registry import AvatarEntry, RegistryError, RegistryIndex, validate_subject_id
+from perse_ray.registry import AvatarEntry, RegistryIndex, validate_subject_id
 
 DEFAULT_SIDE = 256
 MAX_YAW, MAX_PITCH = 90.0, 60.0
@@ -256,7 +256,7 @@ class Catalog:
             raise ApiError(400, str(e)) from None
         avatar = self._snapshot.avatars.get(avatar_id)
         if avatar is None:
-            raise ApiError(404, str(RegistryError(f"no avatar {avatar_id!r}")))
+            raise ApiError(404, f"no avatar {avatar_id!r}")
         if avatar.error is not None:
             raise ApiError(500, f"avatar {avatar_id}@{avatar.entry.version}: {avatar.error}")
         return avatar.entry, avatar.layout, avatar.manifest
