@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from perse_ray.config import load_config
 from perse_ray.portraits import decode_png, discover_subjects
 from perse_ray.schema import validate
 from perse_ray.synth.motion import motion_script, script_from_json
-from perse_ray.synth.write import COMPLETE, FramesWriter, OutputError, OutputFolder
+from perse_ray.synth.write import COMPLETE, FramesWriter, OutputFolder
 
 from test_portraits import build_hostile_folder
 
@@ -181,12 +182,25 @@ def test_writer_completes_partitions_only_when_whole(tmp_path):
     assert rows["b-2"]["status"] == "quarantined" and rows["b-2"]["reason"] == "morph: boom"
     assert not (folder.frames_dir / "subject_id=b-2").exists()
     assert list(OutputFolder(tmp_path / "out", "hash1").prepare()) == ["a-1"]
+    # a second run on the folder waits for the first (then finds its subjects complete)
+    said, entered = [], threading.Event()
+
+    def second_run():
+        with OutputFolder(tmp_path / "out", "hash1", log=said.append).exclusive():
+            entered.set()
+
     with OutputFolder(tmp_path / "out", "hash1").exclusive():
-        with pytest.raises(OutputError, match="in use by another run"):
-            with OutputFolder(tmp_path / "out", "hash1").exclusive():
-                pass
-    assert OutputFolder(tmp_path / "out", "other-config").prepare() == {}  # another config: redone
-    assert not final.exists()
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        time.sleep(0.5)
+        assert not entered.is_set() and said == [f"output {tmp_path / 'out'} is in use by another run: waiting for it"]
+    waiter.join(10)
+    assert entered.is_set()
+    # another synthesis config: the partition stays (training refuses it) until rewritten, and it is said
+    lines = []
+    assert OutputFolder(tmp_path / "out", "other-config", log=lines.append).prepare() == {}
+    assert final.exists() and lines == ["1 frames partition(s) were made by synthesis config hash1, not other-config: "
+                                        "training refuses them; each is replaced when this run synthesizes its subject"]
 
 
 def test_damaged_partition_is_redone(tmp_path):
