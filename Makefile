@@ -30,10 +30,23 @@ demo: venv
 	$(RUN) $(PY) jobs/build_avatars.py --input examples/portraits --output $(OUT) $(if $(PRESET),--preset $(PRESET))
 	@echo "or: make serve OUT=$(OUT)"
 
+# Every benchmark (benchmarks/*.py but the _*.py helpers) with --json $(BENCH_ARGS), e.g.
+# BENCH_ARGS=--quick (about a minute each). stdout must be JSON lines {figure, value, unit, config}
+# (benchmarks/_check_output.py checks it). All run; the target fails at the end if any failed.
+# BENCH=benchmarks/serve_load.py runs one.
+BENCH ?= $(filter-out benchmarks/_%,$(sort $(wildcard benchmarks/*.py)))
 bench: venv
-	@for b in benchmarks/*.py; do \
-	  echo "# $$b" >&2; $(RUN) $(PY) $$b --json $(BENCH_ARGS) || exit 1; \
-	done
+	@set -o pipefail; failed=""; all=$$(date +%s); \
+	for b in $(BENCH); do \
+	  echo "# $$b --json $(BENCH_ARGS)" >&2; t=$$(date +%s); \
+	  if $(RUN) $(PY) $$b --json $(BENCH_ARGS) | $(PY) benchmarks/_check_output.py $$b; then \
+	    echo "# $$b: ok, $$(( $$(date +%s) - t )) s" >&2; \
+	  else \
+	    echo "# $$b: FAILED, $$(( $$(date +%s) - t )) s" >&2; failed="$$failed $$b"; \
+	  fi; \
+	done; \
+	echo "# bench: $$(( $$(date +%s) - all )) s" >&2; \
+	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
 serve: venv
 	PERSE_REGISTRY=$${PERSE_REGISTRY:-$(OUT)/avatars} $(ISOLATED) $(VENV)/bin/serve run serve/config.yaml

@@ -1,18 +1,21 @@
 #!/usr/bin/env python
 """What the ``cpu`` preset's 2D backends make of real portraits: contact sheets and identity.
 
-    python benchmarks/cpu_backends_report.py --input examples/portraits --output OUT [--preset cpu]
+    python benchmarks/cpu_backends_report.py [--json] [--quick] [--input FOLDER]
+                                             [--output out/bench/cpu_backends] [--preset cpu]
 
 For each portrait: detect and align (dlib), edit every attribute level and the exact morphs
 between adjacent levels, animate each with the motion script, and score every frame's identity
 against the aligned source (detector landmarks, else the animator's known landmarks). Writes
-``OUT/<name>_contact.png`` (rows: source, edits, morphs; columns: script frames; a red frame marks a
+``OUTPUT/<name>_contact.png`` (rows: source, edits, morphs; columns: script frames; a red frame marks a
 frame the identity filter would drop, a yellow corner one scored at the known landmarks) and
-prints JSON lines (figure, value, unit, config): the fraction of frames kept per attribute, the
-mean identity distance per yaw bucket, the landmark-fallback share and per-call CPU times
-(process time: a busy shared machine does not inflate them).
-Without ``--input`` (or when it does not exist) the package copies of the astronaut and Grace
-Hopper portraits are used. No Ray needed.
+prints JSON lines (figure, value, unit, config; with --json, a table otherwise): the fraction of
+frames kept per attribute, the mean identity distance per yaw bucket, the landmark-fallback share
+and per-call CPU times (process time: a busy shared machine does not inflate them). The subject,
+attribute and yaw bucket of a figure are in its config.
+``--input`` defaults to examples/portraits; when the folder does not exist the package copies of
+the astronaut and Grace Hopper portraits are used. ``--quick``: the first two portraits and a 4-frame motion script (the
+preset's sizes otherwise), about half a minute. No Ray needed.
 """
 
 from __future__ import annotations
@@ -28,11 +31,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_INPUT = ROOT / "examples" / "portraits"
+DEFAULT_OUTPUT = ROOT / "out" / "bench" / "cpu_backends"
+QUICK_PORTRAITS = 2
+QUICK_FRAMES = 4
+AS_JSON = [True]  # set by main: JSON lines or a table
 
 
 def emit(figure: str, value: float, unit: str, config: dict, **labels) -> None:
-    print(json.dumps({"figure": figure, **labels, "value": round(float(value), 4), "unit": unit,
-                      "config": config}), flush=True)
+    record = {"figure": figure, "value": round(float(value), 4), "unit": unit, "config": {**config, **labels}}
+    if AS_JSON[0]:
+        print(json.dumps(record), flush=True)
+    else:
+        where = " ".join(f"{k}={v}" for k, v in labels.items())
+        print(f"{figure:<28} {record['value']:>10} {unit:<26} {where}", flush=True)
 
 
 def default_portraits() -> list[tuple[str, np.ndarray]]:
@@ -161,22 +174,32 @@ def report_subject(name: str, image: np.ndarray, cfg, face_model, output: Path, 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--input", type=Path, default=None, help="folder of portraits")
-    parser.add_argument("--output", type=Path, required=True, help="folder for the contact sheets")
+    parser.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the first {QUICK_PORTRAITS} portraits, a {QUICK_FRAMES}-frame motion script")
+    parser.add_argument("--input", type=Path, default=DEFAULT_INPUT,
+                        help="folder of portraits (default: examples/portraits)")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help="folder for the contact sheets (default: out/bench/cpu_backends)")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     args = parser.parse_args(argv)
+    AS_JSON[0] = args.json
 
     from perse_ray.config import load_config
     from perse_ray.faces import load_face_model
 
-    cfg = load_config(args.preset, args.set)
+    overrides = ([f"synth.motion.num_frames={QUICK_FRAMES}"] if args.quick else []) + args.set
+    cfg = load_config(args.preset, overrides)
     portraits = (folder_portraits(args.input) if args.input is not None and args.input.is_dir()
                  else default_portraits())
+    if args.quick:
+        portraits = portraits[:QUICK_PORTRAITS]
     face_model = load_face_model(cfg.faces)
-    info = {"preset": args.preset, "overrides": args.set, "resolution": cfg.synth.resolution,
+    info = {"preset": args.preset, "overrides": overrides, "quick": args.quick, "resolution": cfg.synth.resolution,
             "frames": cfg.synth.motion.num_frames, "id_threshold": cfg.faces.id_threshold,
             "faces": face_model.name}
+    print(f"# contact sheets in {args.output}", file=sys.stderr, flush=True)
     for name, image in portraits:
         report_subject(name, image, cfg, face_model, args.output, info)
 

@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """Ground-truth avatar benchmark: train on the procedural head, score against exact renders.
 
-    python benchmarks/gt_avatar.py --preset cpu --json [--ablation] [--curve-every 500]
+    python benchmarks/gt_avatar.py [--json] [--quick] [--preset cpu] [--ablation] [--curve-every 500]
 
 Renders the procedural head (perse_ray/bench/procedural.py) through the preset's motion script
 and cameras into frames-schema rows, trains with the real ``train_avatar`` and the preset's
 config unchanged, then prints JSON lines (figure, value, unit, config): held-out views,
 held-out expressions, never-trained latent midpoints (α = 0.5), per-attribute leakage, timings.
 ``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0).
+``--quick`` uses the ``cpu-smoke`` preset (unless --preset is given): a check that the benchmark
+runs, in seconds; its scores say nothing about quality.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, outp
     rows = frames_from_head(head, cfg)
     data_seconds = time.perf_counter() - t0
 
-    scorer = Scorer(head, cfg, cfg.render.backend)
+    scorer = Scorer(head, cfg, cfg.machine.render_backend)
     curve_t = [0.0]
 
     def on_log(record, model):
@@ -78,10 +80,11 @@ def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, outp
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu", help="config preset (default: cpu)")
+    p.add_argument("--preset", default=None, help="config preset (default: cpu; cpu-smoke with --quick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
+    p.add_argument("--quick", action="store_true", help="the cpu-smoke preset: seconds, no quality claim")
     p.add_argument("--ablation", action="store_true",
                    help="also train without the interpolation regularization and report the midpoint gap")
     p.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
@@ -89,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, help="save the trained avatar here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    args.preset = args.preset or ("cpu-smoke" if args.quick else "cpu")
 
     t0 = time.perf_counter()
     scores, info = run(args.preset, args.overrides, args.curve_every, args.json, args.output, not args.no_progress)

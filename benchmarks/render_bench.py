@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Renderer benchmark: perse_ray.render backends against a pure-PyTorch pair-list rasterizer.
+"""Renderer benchmark: perse_ray.render backends against each other and a pure-PyTorch pair list.
 
     python benchmarks/render_bench.py [--json] [--quick] [--sizes 128:10000,256:20000]
-                                      [--threads 2] [--reps 7] [--budget 30]
+                                      [--methods cpu,torch,pairlist,gsplat] [--threads 2] [--reps 7]
+                                      [--budget 30]
 
 Scene: N Gaussians inside a head-sized ellipsoid (semi-axes 0.15/0.2/0.15 m)
 centred 1.25 m in front of a 35 degree pinhole camera, scales 3-8 mm, mixed
@@ -10,16 +11,27 @@ opacities, RGB colors. For each size, "fwd" renders without autograd and
 "fwd_bwd" renders, takes loss = sum(w * colors) + sum(alphas) and backpropagates
 to means, quats, scales, opacities and colors.
 
-Methods: cpu (compiled kernel), torch (pure-PyTorch tile reference), pairlist
-(defined here: every Gaussian expanded to the pixels of its radius box, pairs
-sorted by pixel then depth, transmittance from a segmented cumsum of
-log(1 - alpha), index_add into the image) and gsplat when CUDA is present.
-Methods are timed interleaved (one call of each per round, after a warm-up
-call) so load from other processes hits them alike; the median over rounds is
-reported, with the pairlist/cpu ratio. Methods whose warm-up call exceeds
---budget seconds get fewer rounds; torch and pairlist are skipped above
-256x256/20k Gaussians unless --all is given. Peak memory for one fwd_bwd step at
-256x256/20k is measured in a child process per method (growth of the peak RSS).
+Methods: cpu (the compiled kernel), torch (the library's pure-PyTorch tile
+reference backend), pairlist (defined here: every Gaussian expanded to the
+pixels of its radius box, pairs sorted by pixel then depth, transmittance from
+a segmented cumsum of log(1 - alpha), index_add into the image) and gsplat
+(CUDA only: the same scene, generated on the CPU and moved to the GPU; without
+CUDA or without the gsplat package its figures are JSON lines with value null
+and the reason in config.skipped). Methods are timed interleaved (one call of
+each per round, after a warm-up call) so load from other processes hits them
+alike; the median over rounds is reported. Ratios are medians measured in the
+same rounds on the same scene, and each names its baseline:
+
+    render_speedup_vs_pairlist  pairlist ms / method ms   (method: cpu, gsplat)
+    render_speedup_vs_torch     torch ms / method ms      (method: cpu, gsplat)
+    render_speedup_vs_cpu       cpu ms / gsplat ms        (GPU against the CPU kernel)
+
+Methods whose warm-up call exceeds --budget seconds get fewer rounds; torch and
+pairlist are skipped above 256x256/20k Gaussians unless --all is given. Peak
+memory for one fwd_bwd step at 256x256/20k is measured in a child process per
+method (growth of the peak RSS; for gsplat, of the peak CUDA allocation).
+--quick: 64x64/1k and 128x128/10k, 5 rounds, a 5 s budget per slow method, no
+memory probe (well under a minute).
 """
 
 from __future__ import annotations
@@ -43,7 +55,9 @@ from perse_ray.render._reference import ALPHA_MAX, ALPHA_MIN, TRANSMITTANCE_MIN,
 SIZES = [(64, 1_000), (128, 10_000), (256, 20_000), (512, 50_000)]
 QUICK_SIZES = [(64, 1_000), (128, 10_000)]
 MEMORY_SIZE = (256, 20_000)
+METHODS = ("cpu", "torch", "pairlist", "gsplat")
 SLOW_METHODS = ("torch", "pairlist")
+BASELINES = {"pairlist": ("cpu", "gsplat"), "torch": ("cpu", "gsplat"), "cpu": ("gsplat",)}
 SLOW_LIMIT = 256 * 256 * 20_000  # pixels x Gaussians above which slow methods are skipped
 PARAMS = ("means", "quats", "scales", "opacities", "colors")
 
@@ -174,27 +188,47 @@ def time_interleaved(steps: dict, reps: int, budget: float) -> dict:
     return times
 
 
+def gsplat_problem() -> str | None:
+    """Why gsplat cannot run here, or None."""
+    if not torch.cuda.is_available():
+        return "needs CUDA (torch.cuda.is_available() is False)"
+    try:
+        import gsplat  # noqa: F401
+    except ImportError as e:
+        return f"needs the gsplat package ({e})"
+    return None
+
+
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def memory_probe(method: str, size: int, n: int, threads: int) -> dict:
-    """Runs in a child process: peak RSS growth over one fwd_bwd step.
+    """Runs in a child process: peak memory growth over one fwd_bwd step.
 
-    Importing torch already sets a high-water mark of ~1.5 GB, so the kernel's
-    peak counter is reset first (Linux: writing 5 to /proc/self/clear_refs).
+    CPU methods: peak RSS. Importing torch already sets a high-water mark of ~1.5 GB, so the
+    kernel's peak counter is reset first (Linux: writing 5 to /proc/self/clear_refs).
+    gsplat: the peak CUDA allocation (torch.cuda.max_memory_allocated) over the step.
     """
     torch.set_num_threads(threads)
-    make_step(method, head_scene(200, 32), 32, "fwd_bwd")()  # loads code paths and the extension
-    scene = head_scene(n, size)
+    device = "cuda" if method == "gsplat" else "cpu"
+    make_step(method, head_scene(200, 32, device=device), 32, "fwd_bwd")()  # code paths, the extension
+    scene = head_scene(n, size, device=device)
     step = make_step(method, scene, size, "fwd_bwd")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        peak = torch.cuda.max_memory_allocated()
+        return {"peak_growth_mb": (peak - before) / 2**20, "peak_mb": peak / 2**20, "measure": "cuda allocation"}
     before = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
     peak = _status_kb("VmHWM")
-    return {"peak_growth_mb": (peak - before) / 1024, "peak_rss_mb": peak / 1024}
+    return {"peak_growth_mb": (peak - before) / 1024, "peak_mb": peak / 1024, "measure": "process RSS"}
 
 
 def emit(figure: str, value, unit: str, config: dict, as_json: bool, rows: list) -> None:
@@ -215,30 +249,32 @@ def print_table(rows: list) -> None:
             low = f"{c['min_ms']:.2f} ms" if "min_ms" in c else ""
             print(f"{size:>9} {c['n_gaussians']:>7} {c['mode']:>8} {c['method']:>9} {value:>10} {low:>10} "
                   f"{c.get('reps', ''):>5}  {c.get('skipped', '')}")
-        elif r["figure"] == "render_speedup_vs_pairlist":
-            print(f"{size:>9} {c['n_gaussians']:>7} {c['mode']:>8} {'':>9} {r['value']:>8.1f} x  "
-                  f"{'':>17}pairlist / cpu (medians)")
+        elif r["figure"].startswith("render_speedup_vs_"):
+            print(f"{size:>9} {c['n_gaussians']:>7} {c['mode']:>8} {c['method']:>9} {r['value']:>8.1f} x  "
+                  f"{'':>17}{c['baseline']} / {c['method']} (medians)")
         elif r["figure"] == "render_max_abs_diff_vs_cpu":
             print(f"{size:>9} {c['n_gaussians']:>7} {'image':>8} {c['method']:>9} {r['value']:>10.2e}  "
                   f"{'':>15}max |colors - cpu colors|")
         elif r["figure"] == "render_peak_memory_mb":
-            print(f"{size:>9} {c['n_gaussians']:>7} {'fwd_bwd':>8} {c['method']:>9} {r['value']:>7.1f} MB  "
-                  f"{'':>16}peak RSS growth")
+            value = "skipped" if r["value"] is None else f"{r['value']:7.1f} MB"
+            print(f"{size:>9} {c['n_gaussians']:>7} {'fwd_bwd':>8} {c['method']:>9} {value:>10}  "
+                  f"{'':>15}peak {c.get('measure', '')} growth {c.get('skipped', '')}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
     p.add_argument("--quick", action="store_true", help="64x64/1k and 128x128/10k, fewer rounds, no memory")
     p.add_argument("--sizes", help="comma-separated SIZE:N pairs, e.g. 128:10000,256:20000")
-    p.add_argument("--methods", default="cpu,torch,pairlist", help="subset of cpu,torch,pairlist")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--reps", type=int, default=7, help="timed rounds per method (at least 5 recommended)")
-    p.add_argument("--budget", type=float, default=30.0, help="seconds of timed rounds per slow method")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per method (default 7, 5 with --quick)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per slow method (default 30, 5 with --quick)")
     p.add_argument("--all", action="store_true", help="do not skip slow methods at large sizes")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-probe", nargs=3, metavar=("METHOD", "SIZE", "N"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     if args.memory_probe:
         method, size, n = args.memory_probe
@@ -249,52 +285,75 @@ def main() -> None:
     sizes = QUICK_SIZES if args.quick else SIZES
     if args.sizes:
         sizes = [tuple(int(v) for v in item.split(":")) for item in args.sizes.split(",")]
-    reps = 5 if args.quick and args.reps == 7 else args.reps
+    reps = args.reps or (5 if args.quick else 7)
+    budget = args.budget or (5.0 if args.quick else 30.0)
     methods = args.methods.split(",")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown methods {unknown}; choices: {', '.join(METHODS)}")
+    no_gsplat = gsplat_problem() if "gsplat" in methods else None
+    if no_gsplat:
+        print(f"# render_bench: gsplat skipped: {no_gsplat}", file=sys.stderr, flush=True)
     rows: list = []
 
+    def device_of(method: str) -> str:
+        return "cuda" if method == "gsplat" else "cpu"
+
     for size, n in sizes:
-        base = {"width": size, "height": size, "n_gaussians": n, "threads": args.threads}
-        scene = head_scene(n, size)
-        active = [m for m in methods if args.all or m not in SLOW_METHODS or size * size * n <= SLOW_LIMIT]
+        base = {"width": size, "height": size, "n_gaussians": n, "threads": args.threads, "scene_seed": 0}
+        scenes = {"cpu": head_scene(n, size)}
+        skipped = {}
         for m in methods:
-            if m not in active:
-                for mode in ("fwd", "fwd_bwd"):
-                    emit(f"render_ms_{mode}", None, "ms",
-                         {**base, "mode": mode, "method": m, "skipped": "too slow at this size (use --all)"},
-                         args.json, rows)
-        reference = run_method("cpu", scene, size)[0]
+            if m == "gsplat" and no_gsplat:
+                skipped[m] = no_gsplat
+            elif m in SLOW_METHODS and not args.all and size * size * n > SLOW_LIMIT:
+                skipped[m] = "too slow at this size (use --all)"
+        active = [m for m in methods if m not in skipped]
+        if "gsplat" in active:
+            scenes["cuda"] = head_scene(n, size, device="cuda")  # the same values, on the GPU
+        for m, why in skipped.items():
+            for mode in ("fwd", "fwd_bwd"):
+                emit(f"render_ms_{mode}", None, "ms",
+                     {**base, "mode": mode, "method": m, "device": device_of(m), "skipped": why}, args.json, rows)
+        reference = run_method("cpu", scenes["cpu"], size)[0]
         for m in active:
             if m != "cpu":
                 with torch.no_grad():
-                    diff = (run_method(m, scene, size)[0] - reference).abs().max().item()
-                emit("render_max_abs_diff_vs_cpu", diff, "", {**base, "method": m}, args.json, rows)
+                    colors = run_method(m, scenes[device_of(m)], size)[0].cpu()
+                diff = (colors - reference).abs().max().item()
+                emit("render_max_abs_diff_vs_cpu", diff, "", {**base, "method": m, "device": device_of(m)},
+                     args.json, rows)
         for mode in ("fwd", "fwd_bwd"):
-            steps = {m: make_step(m, scene, size, mode) for m in active}
-            if device == "cuda":
-                steps["gsplat"] = make_step("gsplat", head_scene(n, size, device="cuda"), size, mode)
-            times = time_interleaved(steps, reps, args.budget)
+            steps = {m: make_step(m, scenes[device_of(m)], size, mode) for m in active}
+            times = time_interleaved(steps, reps, budget)
+            medians = {m: statistics.median(ts) for m, ts in times.items()}
             for m, ts in times.items():
-                emit(f"render_ms_{mode}", statistics.median(ts) * 1e3, "ms",
+                emit(f"render_ms_{mode}", medians[m] * 1e3, "ms",
                      {**base, "mode": mode, "method": m, "reps": len(ts), "min_ms": round(min(ts) * 1e3, 3),
-                      "device": "cuda" if m == "gsplat" else "cpu"}, args.json, rows)
-            if "pairlist" in times and "cpu" in times:
-                emit("render_speedup_vs_pairlist", statistics.median(times["pairlist"]) / statistics.median(times["cpu"]),
-                     "x", {**base, "mode": mode}, args.json, rows)
+                      "device": device_of(m)}, args.json, rows)
+            for baseline, against in BASELINES.items():
+                for m in against:
+                    if baseline in medians and m in medians:
+                        emit(f"render_speedup_vs_{baseline}", medians[baseline] / medians[m], "x",
+                             {**base, "mode": mode, "method": m, "baseline": baseline,
+                              "ratio": f"median {baseline} ms / median {m} ms, same rounds, same scene",
+                              "devices": f"{device_of(m)} vs {device_of(baseline)}"}, args.json, rows)
 
     if not (args.quick or args.no_memory):
         size, n = MEMORY_SIZE
         for m in methods:
+            config = {"width": size, "height": size, "n_gaussians": n, "method": m, "mode": "fwd_bwd",
+                      "threads": args.threads, "device": device_of(m)}
+            if m == "gsplat" and no_gsplat:
+                emit("render_peak_memory_mb", None, "MB", {**config, "skipped": no_gsplat}, args.json, rows)
+                continue
             out = subprocess.run(
                 [sys.executable, __file__, "--memory-probe", m, str(size), str(n), "--threads", str(args.threads)],
                 capture_output=True, text=True, check=True,
             )
             probe = json.loads(out.stdout.strip().splitlines()[-1])
             emit("render_peak_memory_mb", probe["peak_growth_mb"], "MB",
-                 {"width": size, "height": size, "n_gaussians": n, "method": m, "mode": "fwd_bwd",
-                  "peak_rss_mb": round(probe["peak_rss_mb"], 1), "threads": args.threads},
-                 args.json, rows)
+                 {**config, "measure": probe["measure"], "peak_mb": round(probe["peak_mb"], 1)}, args.json, rows)
 
     if not args.json:
         print_table(rows)

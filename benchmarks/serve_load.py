@@ -2,14 +2,20 @@
 """Load benchmark of the render API (serve/app.py): batching speed-up, latency, errors, replica memory.
 
     scripts/isolated .venv/bin/python benchmarks/serve_load.py [--json] [--quick] [--clients 32]
+                                                              [--batch 8] [--max-ongoing 16]
 
 Starts its own Ray + Serve on loopback (run it inside a network namespace) with a temporary registry of
-three small avatars and two copies of the application: "batched" (max_batch_size --batch) and
-"unbatched" (max_batch_size 1), both with a multiplex bound of 2. --clients concurrent HTTP clients
-send render requests (one avatar, random yaw, hair slider and smile: a slider UI's traffic). The two
-applications take the load in alternating slices of --slice-s seconds until each had --phase-s, so
-load from other processes hits both alike; requests/s, p50/p99 latency and errors are per application,
-with the ratio of requests/s. Then a soak of --soak-s seconds on "batched" spreads requests over all
+three small avatars and two copies of the application that differ only in max_batch_size: "batched"
+(--batch) and "unbatched" (1). Both have the same Renderer concurrency cap (max_ongoing_requests
+--max-ongoing, by default the one build_app gives the batched app: 2 x --batch), the same batch
+wait, the same multiplex bound of 2 and the same CPUs, so the speed-up is batching alone and not a
+concurrency cap (build_app derives the cap from max_batch_size, which would give the unbatched app
+2). --clients concurrent HTTP clients send render requests (one avatar, random yaw, hair slider and
+smile: a slider UI's traffic). The two applications take the load in alternating slices of --slice-s
+seconds until each had --phase-s, so load from other processes hits both alike; per application:
+requests/s, latency percentiles (p50, p90, p99), errors and the mean batch; then the batched over
+unbatched ratios of requests/s (over the whole phase, and the median over adjacent slice pairs) and
+of latency percentiles. Then a soak of --soak-s seconds on "batched" spreads requests over all
 three avatars (the bound of 2 forces loads and evictions) while the RSS of its Ingress and Renderer
 processes is sampled every second (after a 5 s warm-up): start, end, least-squares slope over the
 whole soak and over its second half (a warming process flattens, a leak keeps its slope).
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -41,6 +48,23 @@ from perse_ray.registry import Registry  # noqa: E402
 
 SUBJECTS = ("load-a", "load-b", "load-c")
 APPS = ("batched", "unbatched")
+PERCENTILES = (0.5, 0.9, 0.99)
+
+
+def build_load_app(registry: Path, max_batch_size: int, max_ongoing_requests: int):
+    """serve.app's deployments, wired as ``build_app`` wires them (same settings check, same actor
+    options) but with the Renderer's ``max_ongoing_requests`` given, so two apps can differ in
+    ``max_batch_size`` alone."""
+    from serve.api import serve_config
+    from serve.app import Ingress
+    from serve.renderer import Renderer
+
+    cfg = dataclasses.asdict(serve_config({"max_batch_size": max_batch_size, "max_avatars_per_replica": 2,
+                                           "batch_wait_timeout_s": 0.01}))
+    renderer = Renderer.options(max_ongoing_requests=max_ongoing_requests,
+                                ray_actor_options={"num_cpus": 1, "num_gpus": cfg["num_gpus"]})
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0.25})
+    return ingress.bind(renderer.bind(str(registry), cfg), str(registry), cfg)
 
 
 def make_registry(root: Path, gaussians: int) -> Registry:
@@ -120,17 +144,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
-    p.add_argument("--quick", action="store_true", help="short phases (10 s each, 20 s soak)")
+    p.add_argument("--quick", action="store_true", help="short phases (10 s each, 10 s soak; about a minute)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--size", type=int, default=64, help="image side")
     p.add_argument("--gaussians", type=int, default=1000, help="Gaussians per avatar")
     p.add_argument("--batch", type=int, default=8, help="max_batch_size of the batched application")
+    p.add_argument("--max-ongoing", type=int, default=None,
+                   help="max_ongoing_requests of both Renderers (default 2 x --batch)")
     p.add_argument("--phase-s", type=float, default=None, help="seconds of load per application (<= 60)")
     p.add_argument("--slice-s", type=float, default=5.0, help="length of one alternating slice")
     p.add_argument("--soak-s", type=float, default=None, help="seconds of the soak (<= 60)")
     args = p.parse_args(argv)
     args.phase_s = min(60.0, args.phase_s or (10.0 if args.quick else 40.0))
-    args.soak_s = min(60.0, args.soak_s or (20.0 if args.quick else 60.0))
+    args.soak_s = min(60.0, args.soak_s or (10.0 if args.quick else 60.0))
+    args.max_ongoing = args.max_ongoing or 2 * args.batch
+    if args.max_ongoing < args.batch:
+        p.error(f"--max-ongoing {args.max_ongoing} < --batch {args.batch}: the cap would bound the batch")
     return args
 
 
@@ -139,8 +168,6 @@ def main(argv=None) -> int:
     import httpx
     import ray
     from ray import serve
-
-    from serve.app import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="serve-load-"))
     make_registry(tmp / "avatars", args.gaussians)
@@ -157,11 +184,13 @@ def main(argv=None) -> int:
     os.environ.pop("PERSE_REGISTRY", None)
     batch_sizes = {"batched": args.batch, "unbatched": 1}
     for name, batch in batch_sizes.items():
-        serve.run(build_app({"registry": str(tmp / "avatars"), "max_batch_size": batch,
-                             "max_avatars_per_replica": 2, "batch_wait_timeout_s": 0.01}),
-                  name=name, route_prefix=f"/{name}")
+        serve.run(build_load_app(tmp / "avatars", batch, args.max_ongoing), name=name, route_prefix=f"/{name}")
     base = {"clients": args.clients, "size": args.size, "gaussians": args.gaussians, "omp_threads": int(threads),
-            "cpus": os.cpu_count(), "machine": "shared CPU machine, timings noisy"}
+            "cpus": os.cpu_count(), "max_ongoing_requests": args.max_ongoing, "batch_wait_timeout_s": 0.01,
+            "max_avatars_per_replica": 2, "quick": args.quick, "machine": "shared CPU machine, timings noisy"}
+    compare = {**base, "max_batch_size": {"batched": args.batch, "unbatched": 1},
+               "differs_in": "max_batch_size only", "baseline": "unbatched",
+               "seconds_each": args.phase_s, "slice_s": args.slice_s}
 
     async def run() -> None:
         limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
@@ -174,7 +203,8 @@ def main(argv=None) -> int:
 
             before = {name: (await stats(name))["renderer"] for name in APPS}
             results = {name: {"latencies": [], "errors": [], "seconds": 0.0} for name in APPS}
-            slices = max(1, round(args.phase_s / args.slice_s))
+            slices = max(2, round(args.phase_s / args.slice_s))  # at least one slice pair
+            slice_rates: dict[str, list[float]] = {name: [] for name in APPS}
             for i in range(slices):
                 for name in (APPS if i % 2 == 0 else APPS[::-1]):
                     r = await drive(client, f"/{name}", SUBJECTS[:1], args.phase_s / slices, args.clients,
@@ -182,26 +212,37 @@ def main(argv=None) -> int:
                     for key in ("latencies", "errors"):
                         results[name][key] += r[key]
                     results[name]["seconds"] += r["seconds"]
+                    slice_rates[name].append(len(r["latencies"]) / r["seconds"])
             after = {name: (await stats(name))["renderer"] for name in APPS}
 
-            rates = {}
+            rates, lat = {}, {}
             for name in APPS:
                 res, config = results[name], {**base, "app": name, "max_batch_size": batch_sizes[name],
                                               "seconds": round(results[name]["seconds"], 1)}
                 rates[name] = len(res["latencies"]) / res["seconds"]
-                p50, p99 = percentile(res["latencies"], 0.5), percentile(res["latencies"], 0.99)
+                lat[name] = {q: percentile(res["latencies"], q) for q in PERCENTILES}
                 batches = after[name]["batches"] - before[name]["batches"]
                 emit(f"throughput_{name}", round(rates[name], 2), "req/s", config, args.json)
-                emit(f"latency_p50_{name}", round(1e3 * p50, 1), "ms", config, args.json)
-                emit(f"latency_p99_{name}", round(1e3 * p99, 1), "ms", config, args.json)
-                emit(f"latency_p99_over_p50_{name}", round(p99 / p50, 2), "x", config, args.json)
+                for q, value in lat[name].items():
+                    emit(f"latency_p{round(100 * q)}_{name}", round(1e3 * value, 1), "ms", config, args.json)
+                emit(f"latency_p99_over_p50_{name}", round(lat[name][0.99] / lat[name][0.5], 2), "x", config,
+                     args.json)
                 emit(f"errors_{name}", len(res["errors"]), "requests", config, args.json)
                 emit(f"mean_batch_size_{name}", round((after[name]["requests"] - before[name]["requests"])
                                                       / max(batches, 1), 2), "requests", config, args.json)
                 for e in sorted(set(res["errors"]))[:5]:
                     print(f"# {name} error: {e}", file=sys.stderr)
             emit("batching_speedup", round(rates["batched"] / rates["unbatched"], 2), "x",
-                 {**base, "max_batch_size": args.batch, "target": ">= 3"}, args.json)
+                 {**compare, "ratio": "batched req/s / unbatched req/s over the whole phase", "target": ">= 3"},
+                 args.json)
+            pairs = [b / u for b, u in zip(slice_rates["batched"], slice_rates["unbatched"]) if u > 0]
+            emit("batching_speedup_median_of_slices", round(statistics.median(pairs), 2) if pairs else None, "x",
+                 {**compare, "ratio": "median over slice pairs of batched req/s / unbatched req/s",
+                  "slice_pairs": len(pairs)}, args.json)
+            for q in PERCENTILES:
+                emit(f"batching_latency_p{round(100 * q)}_ratio", round(lat["batched"][q] / lat["unbatched"][q], 2),
+                     "x", {**compare, "ratio": f"batched p{round(100 * q)} / unbatched p{round(100 * q)} "
+                           "(below 1: batching is faster)"}, args.json)
 
             # Soak: three avatars through a bound of two on the batched application.
             pids = (await stats("batched"))

@@ -1,15 +1,22 @@
 """Synthesis throughput with 1 vs 2 actors per model stage, measured in one run.
 
-    unshare -n sh -c 'ip link set lo up; OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_bench.py --json'
+    scripts/isolated env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_bench.py [--json] [--quick]
+                                                 [--preset cpu-smoke] [--subjects 6] [--repeats 3]
 
 Starts a local Ray (run it inside a private network namespace), builds a folder of real portraits
 (Grace Hopper and the astronaut, distinct crops so each is its own subject), and runs the whole
 graph (ingest → edit → animate → morph → id_filter) repeatedly, alternating 1 and 2 actors per
-stage. Throughput is steady-state frames/s: frames that arrived after the first output block,
-over the time from that block to the last (actor start-up and model loading excluded — they are
-reported apart). Prints JSON lines {"figure", "value", "unit", "config"}: medians over
-``--repeats``, the 2-vs-1 ratio, and busy seconds per stage (where the time goes). Tiny models
-produce noise: these are throughput figures, never quality.
+stage (machine.actors_per_stage). Throughput is steady-state frames/s: frames that arrived after
+the first output block, over the time from that block to the last (actor start-up and model
+loading excluded — they are reported apart). Prints JSON lines {"figure", "value", "unit",
+"config"} (a table with progress lines otherwise): medians over ``--repeats``, the 2-vs-1 ratio,
+and busy seconds per stage (where the time goes). Every figure's config names the preset and the
+backends that ran (faces, editor, animator, morpher: the classes the stages load for it).
+
+The default preset is ``cpu-smoke`` (dlib faces, the classical editor and animator, exact morphs at
+the smallest sizes); ``tiny`` runs the random-weight twins of the ``gpu`` preset's diffusion
+loaders, which produce noise: throughput figures either way, never quality. ``--quick``: 2
+subjects, 1 run per actor count (about a minute; no median).
 """
 
 from __future__ import annotations
@@ -28,9 +35,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from perse_ray.config import load_config  # noqa: E402
-from perse_ray.pipeline import frames_per_subject, local_num_cpus, run_pipeline  # noqa: E402
+from perse_ray.faces import BACKENDS as FACE_BACKENDS  # noqa: E402
+from perse_ray.pipeline import STAGES, frames_per_subject, local_num_cpus, run_pipeline  # noqa: E402
 from perse_ray.portraits import discover_subjects  # noqa: E402
+from perse_ray.synth.backends import REGISTRIES  # noqa: E402
 from perse_ray.synth.write import FramesWriter, OutputFolder  # noqa: E402
+
+QUICK = {"subjects": 2, "repeats": 1}
 
 
 def write_portraits(folder: Path, count: int) -> None:
@@ -48,12 +59,23 @@ def write_portraits(folder: Path, count: int) -> None:
         Image.fromarray(source[d:, d:]).save(folder / f"portrait-{i:02d}.png")
 
 
+def backends(cfg) -> dict[str, str]:
+    """The backend each stage loads for ``cfg``: the config's name and the class it resolves to."""
+    names = {"faces": (cfg.faces.backend, FACE_BACKENDS), "editor": (cfg.synth.edit_backend, REGISTRIES["editor"]),
+             "animator": (cfg.synth.animate_backend, REGISTRIES["animator"]),
+             "morpher": (cfg.synth.morph_backend, REGISTRIES["morpher"])}
+    out = {kind: f"{name} ({registry[name]})" for kind, (name, registry) in names.items()}
+    if cfg.faces.identity_model:
+        out["identity"] = f"arcface ({cfg.faces.identity_model})"
+    return out
+
+
 def run_once(cfg, candidates) -> dict:
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as out:
         # The real driver path (validation, parts, markers) so the figure is the job's throughput.
-        folder = OutputFolder(Path(out), cfg.hash())
+        folder = OutputFolder(Path(out), cfg.synthesis_hash())
         folder.prepare()
         writer = FramesWriter(folder, frames_per_subject(cfg), log=lambda _: None)
         for block in run_pipeline(cfg, candidates):
@@ -74,12 +96,16 @@ def run_once(cfg, candidates) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="print JSON lines only")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "cpu-smoke"])
-    p.add_argument("--subjects", type=int, default=6)
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['subjects']} subjects, {QUICK['repeats']} run per actor count (about a minute)")
+    p.add_argument("--preset", default="cpu-smoke", choices=["cpu-smoke", "cpu", "tiny"])
+    p.add_argument("--subjects", type=int, default=None, help="portraits (default 6)")
     p.add_argument("--frames", type=int, default=8, help="motion frames per edit")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=None, help="runs per actor count (default 3)")
+    p.add_argument("--batch-size", type=int, default=2, help="machine.synth_batch_size")
     args = p.parse_args(argv)
+    args.subjects = args.subjects or (QUICK["subjects"] if args.quick else 6)
+    args.repeats = args.repeats or (QUICK["repeats"] if args.quick else 3)
 
     import ray
 
@@ -88,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ensure_tiny_models()
 
-    base = [f"synth.motion.num_frames={args.frames}", f"synth.batch_size={args.batch_size}"]
-    configs = {n: load_config(args.preset, base + [f"synth.actors_per_stage={n}"]) for n in (1, 2)}
+    base = [f"synth.motion.num_frames={args.frames}", f"machine.synth_batch_size={args.batch_size}"]
+    configs = {n: load_config(args.preset, base + [f"machine.actors_per_stage={n}"]) for n in (1, 2)}
     with tempfile.TemporaryDirectory() as tmp:
         write_portraits(Path(tmp) / "in", args.subjects)
         candidates = discover_subjects(Path(tmp) / "in").candidates
@@ -103,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.json:
                         r = results[n][-1]
                         print(f"repeat {rep} actors {n}: {r['steady_fps']:.2f} frames/s steady, "
-                              f"{r['frames']} frames, wall {r['wall_s']:.1f} s", flush=True)
+                              f"{r['frames']} frames, wall {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
         finally:
             ray.shutdown()
 
-    conf = {"preset": args.preset, "subjects": args.subjects, "motion_frames": args.frames,
-            "frames_per_subject": frames_per_subject(configs[1]), "batch_size": args.batch_size,
-            "repeats": args.repeats, "cpus": os.cpu_count(), "device": "cpu"}
+    conf = {"preset": args.preset, "backends": backends(configs[1]), "subjects": args.subjects,
+            "motion_frames": args.frames, "frames_per_subject": frames_per_subject(configs[1]),
+            "synth_batch_size": args.batch_size, "repeats": args.repeats, "quick": args.quick,
+            "cpus": os.cpu_count(), "device": "cpu"}
     fps = {n: statistics.median(r["steady_fps"] for r in results[n]) for n in (1, 2)}
     lines = [{"figure": f"synth_steady_frames_per_s_{n}_actor", "value": round(fps[n], 3), "unit": "frames/s",
               "config": {**conf, "actors_per_stage": n}} for n in (1, 2)]
@@ -119,12 +146,19 @@ def main(argv: list[str] | None = None) -> int:
         lines.append({"figure": f"synth_first_output_s_{n}_actor", "unit": "s",
                       "value": round(statistics.median(r["first_output_s"] for r in results[n]), 2),
                       "config": {**conf, "actors_per_stage": n}})
-        busy = {s: round(statistics.median(r["busy_s"].get(s, 0.0) for r in results[n]), 3)
-                for s in ("ingest", "edit", "animate", "morph", "id_filter")}
-        lines.append({"figure": f"synth_busy_s_per_stage_{n}_actor", "value": busy, "unit": "s (summed over actors)",
-                      "config": {**conf, "actors_per_stage": n}})
+        for stage in STAGES:  # where the time goes
+            busy = statistics.median(r["busy_s"].get(stage, 0.0) for r in results[n])
+            lines.append({"figure": f"synth_busy_s_{n}_actor", "value": round(busy, 3),
+                          "unit": "s (summed over actors)",
+                          "config": {**conf, "actors_per_stage": n, "stage": stage}})
     for line in lines:
-        print(json.dumps(line))
+        if args.json:
+            print(json.dumps(line), flush=True)
+        else:
+            where = " ".join(f"{k}={line['config'][k]}" for k in ("actors_per_stage", "stage") if k in line["config"])
+            print(f"{line['figure']:<36} {line['value']:>10} {line['unit']:<24} {where}")
+    if not args.json:
+        print(f"preset {args.preset}; backends: " + ", ".join(f"{k} {v}" for k, v in conf["backends"].items()))
     return 0
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Training benchmark: the plain loop against the same subject trained on Ray with 1 and 2 workers.
 
-    scripts/isolated env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_bench.py --json [--full]
-                                                 [--repeats 3] [--grid-subjects 4] [--steps 300]
+    scripts/isolated env OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_bench.py [--json] [--quick]
+                                 [--full] [--repeats 3] [--grid-subjects 4] [--steps 300] [--batch-size 2]
 
 Subject: the procedural ground-truth head's frames (perse_ray.bench) at the ``cpu-smoke`` sizes,
 written as a synthesis output. Every single-subject run trains the same --steps from scratch and
@@ -13,14 +13,20 @@ these sizes) would mostly time, while real checkpoints are minutes apart. Timed,
 
 - plain: ``train_avatar`` in this process (no Ray);
 - 1 worker: ``train_subjects`` (Tune trial running the loop itself) for that one subject;
-- 2 workers: ``train_subjects`` with a 2-worker Ray Train DDP run: each step then trains two
-  batches, one per worker, so it is compared per trained frame as well as per subject.
+- 2 workers: ``train_subjects`` with a 2-worker Ray Train DDP run.
+
+All three do the same work: the same --steps of the same global batch (``train.batch_size``
+frames per step, --batch-size; DDP ranks split it, so each of two workers trains half of it) from
+the same seed. Every figure's config says so (global_batch, batch_per_rank, steps), and the
+2-worker speed-ups (loop time and wall time, 1 worker over 2) are per identical run.
 
 "overhead" is Ray's extra wall time over plain for one subject, as a percentage and in seconds:
 at smoke sizes it is almost all fixed start-up (a trial process, a worker group), which a real
 subject's minutes of training amortize. "loop" figures time only the training loop (the
 ``train_seconds`` metric), so they show what Ray costs per step. subjects/hour runs a grid of
 --grid-subjects subjects of the ``cpu-smoke`` preset as it is, at the default concurrency.
+``--quick``: 1 repeat of 60 steps and a 1-worker grid of 2 subjects (about a minute; the
+2-worker group's start-up alone is about 18 s on 2 cores).
 ``--full`` adds one ``cpu``-preset subject (its preset steps and checkpoints, once each): plain,
 1 worker, the overhead between them, and subjects/hour.
 The three are run interleaved, repeat by repeat. Ray starts once (excluded from the timings, up
@@ -51,6 +57,7 @@ from perse_ray.train.data import write_partition  # noqa: E402
 from perse_ray.train.loop import train_avatar  # noqa: E402
 
 LOGICAL_CPUS = 4
+QUICK = {"repeats": 1, "steps": 60, "grid_subjects": 2, "grid_workers": (1,)}
 
 
 def plain_run(rows: list[dict], cfg: Config, scratch: Path) -> tuple[float, float]:
@@ -79,24 +86,37 @@ def ray_run(synth: Path, cfg: Config, workers: int, scratch: Path, subjects: lis
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['repeats']} repeat of {QUICK['steps']} steps, "
+                        f"a 1-worker grid of {QUICK['grid_subjects']} subjects")
     p.add_argument("--full", action="store_true", help="also one cpu-preset subject: plain, 1 worker, subjects/hour")
-    p.add_argument("--repeats", type=int, default=3, help="runs per single-subject figure (median)")
-    p.add_argument("--grid-subjects", type=int, default=4, help="subjects in the subjects/hour grid")
-    p.add_argument("--steps", type=int, default=300, help="steps of the single-subject runs")
+    p.add_argument("--repeats", type=int, default=None, help="runs per single-subject figure (median; default 3)")
+    p.add_argument("--grid-subjects", type=int, default=None, help="subjects in the subjects/hour grid (default 4)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the single-subject runs (default 300)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="train.batch_size, the global batch every run trains per step (default: the preset's)")
     args = p.parse_args(argv)
+    quick = QUICK if args.quick else {"repeats": 3, "steps": 300, "grid_subjects": 4, "grid_workers": (1, 2)}
+    args.grid_workers = quick["grid_workers"]
+    args.repeats = args.repeats or quick["repeats"]
+    args.steps = args.steps or quick["steps"]
+    args.grid_subjects = args.grid_subjects or quick["grid_subjects"]
 
     smoke = load_config("cpu-smoke")
-    cfg = load_config("cpu-smoke", [f"train.steps={args.steps}", f"train.checkpoint_every={args.steps}"])
+    batch = [f"train.batch_size={args.batch_size}"] if args.batch_size else []
+    cfg = load_config("cpu-smoke", [f"train.steps={args.steps}", f"machine.checkpoint_every={args.steps}", *batch])
+    if cfg.train.batch_size < 2:
+        p.error(f"--batch-size {cfg.train.batch_size}: two workers need a global batch of at least 2 frames")
     scratch = Path(tempfile.mkdtemp(prefix="train-bench-"))
     rows = frames_from_head(ProceduralHead(seed=0), cfg)
     synth = scratch / "synth"
     subjects = [f"head-{i}" for i in range(max(args.grid_subjects, 1))]
     for sid in subjects:
-        write_partition(synth, sid, rows)
-    common = {"preset": "cpu-smoke", "steps": cfg.train.steps, "checkpoint_every": cfg.train.checkpoint_every,
-              "gaussians": cfg.avatar.num_gaussians,
-              "size": f"{cfg.render.width}x{cfg.render.height}", "batch_per_worker": cfg.train.batch_size,
-              "frames": len(rows), "logical_cpus": LOGICAL_CPUS, "repeats": args.repeats}
+        write_partition(synth, sid, rows, cfg)
+    common = {"preset": "cpu-smoke", "steps": cfg.train.steps, "checkpoint_every": cfg.machine.checkpoint_every,
+              "gaussians": cfg.avatar.num_gaussians, "size": f"{cfg.render.width}x{cfg.render.height}",
+              "global_batch": cfg.train.batch_size, "frames": len(rows), "logical_cpus": LOGICAL_CPUS,
+              "repeats": args.repeats, "quick": args.quick}
     figures: list[dict] = []
     stdout = sys.stdout
 
@@ -127,31 +147,39 @@ def measure(args, rows, cfg, smoke, synth, subjects, scratch, emit) -> None:
                 1: statistics.median(w for w, _ in one), 2: statistics.median(w for w, _ in two)}
         loop = {"plain": statistics.median(s for _, s in plain),
                 1: statistics.median(s[0] for _, s in one), 2: statistics.median(s[0] for _, s in two)}
-        emit("plain_subject_seconds", wall["plain"], "s", method="train_avatar, no Ray")
+        global_batch = cfg.train.batch_size
+        same = "same steps, same global batch, same seed as plain and 1 worker"
+        emit("plain_subject_seconds", wall["plain"], "s", method="train_avatar, no Ray", workers=0,
+             batch_per_rank=global_batch)
         for k, name in ((1, "ray_1worker"), (2, "ray_2workers")):
-            emit(f"{name}_subject_seconds", wall[k], "s", workers=k)
-            emit(f"{name}_overhead", 100 * (wall[k] - wall["plain"]) / wall["plain"], "%", workers=k,
-                 target="<= 15 % (1 worker)" if k == 1 else "")
-            emit(f"{name}_overhead_seconds", wall[k] - wall["plain"], "s", workers=k)
-            emit(f"{name}_loop_seconds", loop[k], "s", workers=k, plain_loop_seconds=round(loop["plain"], 3))
-        # two workers train two batches per step: frames per second of loop time against one worker
-        emit("ray_2workers_frames_per_second_speedup", 2 * loop[1] / loop[2], "x", workers=2,
-             note="2 workers x batch per step vs 1 worker; 2 physical cores shared with other processes")
+            work = {"workers": k, "batch_per_rank": global_batch / k, "work": same}
+            emit(f"{name}_subject_seconds", wall[k], "s", **work)
+            emit(f"{name}_overhead", 100 * (wall[k] - wall["plain"]) / wall["plain"], "%", **work,
+                 baseline="plain", target="<= 15 % (1 worker)" if k == 1 else "")
+            emit(f"{name}_overhead_seconds", wall[k] - wall["plain"], "s", **work, baseline="plain")
+            emit(f"{name}_loop_seconds", loop[k], "s", **work, plain_loop_seconds=round(loop["plain"], 3))
+        # the same run on 1 and 2 workers: what splitting each step's batch over two ranks buys
+        work = {"workers": 2, "batch_per_rank": global_batch / 2, "work": same, "baseline": "ray_1worker",
+                "note": "2 physical cores shared with other processes"}
+        emit("ray_2workers_loop_speedup", loop[1] / loop[2], "x", **work, ratio="1-worker loop s / 2-worker loop s")
+        emit("ray_2workers_wall_speedup", wall[1] / wall[2], "x", **work, ratio="1-worker wall s / 2-worker wall s")
 
         n = len(subjects)
-        for k in (1, 2):
+        for k in args.grid_workers:
             grid_wall, _ = ray_run(synth, smoke, k, scratch, subjects)
             emit("subjects_per_hour", 3600 * n / grid_wall, "subjects/h", workers=k, subjects=n,
-                 steps=smoke.train.steps, checkpoint_every=smoke.train.checkpoint_every, repeats=1,
+                 steps=smoke.train.steps, checkpoint_every=smoke.machine.checkpoint_every,
+                 global_batch=smoke.train.batch_size, batch_per_rank=smoke.train.batch_size / k, repeats=1,
                  wall_seconds=round(grid_wall, 1), concurrency="default (cluster CPUs / CPUs per subject)")
         if args.full:
             full = load_config("cpu")
             full_rows = frames_from_head(ProceduralHead(seed=0), full)
             full_synth = scratch / "synth-cpu"
-            write_partition(full_synth, "head-cpu", full_rows)
-            full_config = {"preset": "cpu", "steps": full.train.steps, "checkpoint_every": full.train.checkpoint_every,
-                           "gaussians": full.avatar.num_gaussians, "size": f"{full.render.width}x{full.render.height}",
-                           "batch_per_worker": full.train.batch_size, "frames": len(full_rows), "repeats": 1}
+            write_partition(full_synth, "head-cpu", full_rows, full)
+            full_config = {"preset": "cpu", "steps": full.train.steps,
+                           "checkpoint_every": full.machine.checkpoint_every, "gaussians": full.avatar.num_gaussians,
+                           "size": f"{full.render.width}x{full.render.height}", "global_batch": full.train.batch_size,
+                           "frames": len(full_rows), "repeats": 1}
             full_plain, _ = plain_run(full_rows, full, scratch)
             full_wall, _ = ray_run(full_synth, full, 1, scratch, ["head-cpu"])
             emit("plain_subject_seconds", full_plain, "s", **full_config, method="train_avatar, no Ray")
