@@ -232,7 +232,9 @@ def _run_pool(job: _Job, concurrency: int, log) -> list[SubjectResult]:
     from ray.util.queue import Queue
 
     events = Queue(actor_options={"num_cpus": 0})
-    options = {"num_cpus": job.cpus_per_worker, "num_gpus": job.gpus_per_worker, "max_concurrency": 1}
+    # SPREAD: by default Ray packs small actors onto one node; subjects belong on every node
+    options = {"num_cpus": job.cpus_per_worker, "num_gpus": job.gpus_per_worker, "max_concurrency": 1,
+               "scheduling_strategy": "SPREAD"}
     progress = _Progress(job.config.train.steps, log)
     pending, failures, running, out = list(reversed(job.partitions)), {}, {}, []
 
