@@ -416,3 +416,93 @@ def test_build_failure_reports_compiler_output(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="the compiler says no"):
         _ext.load.__wrapped__()
     assert (tmp_path / "cache" / "torch_extensions").is_dir()
+
+
+# ---------------------------------------------------------------------------
+# The GPU parity scenes (tests/test_render_gpu.py) hit the special cases
+# ---------------------------------------------------------------------------
+
+
+def _walk_pixel(meta, colors, background, x, y):
+    """One pixel composited in float64 from the CPU backend's projection of one image (meta
+    entries [N, ...]), by gsplat's rules. -> (colour [D], alpha, indices clamped to 0.999, stopped)."""
+    from perse_ray.render import _reference as ref
+
+    m2, conics, radii = meta["means2d"].double(), meta["conics"].double(), meta["radii"]
+    opac, depths = meta["opacities"].double(), meta["depths"]
+    visible = (radii > 0).all(-1).nonzero()[:, 0]
+    visible = visible[torch.sort(depths[visible], stable=True).indices]
+    width, height = meta["width"], meta["height"]
+    ranges = ref.tile_ranges(m2[visible], radii[visible], math.ceil(width / 16), math.ceil(height / 16))
+    tx, ty = x // 16, y // 16
+    hit = (ranges[:, 0] <= tx) & (tx < ranges[:, 2]) & (ranges[:, 1] <= ty) & (ty < ranges[:, 3])
+    T, acc, clamped, stopped = 1.0, np.zeros(colors.shape[-1]), [], False
+    for n in visible[hit].tolist():
+        dx, dy = m2[n, 0].item() - (x + 0.5), m2[n, 1].item() - (y + 0.5)
+        a, b, c = conics[n].tolist()
+        sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
+        raw = opac[n].item() * math.exp(-sigma)
+        alpha = min(ref.ALPHA_MAX, raw)
+        if sigma < 0 or alpha < ref.ALPHA_MIN:
+            continue
+        if T * (1 - alpha) <= ref.TRANSMITTANCE_MIN:
+            stopped = True
+            break
+        if raw >= ref.ALPHA_MAX:
+            clamped.append(n)
+        acc += alpha * T * colors[n].double().numpy()
+        T *= 1 - alpha
+    if background is not None:
+        acc = acc + T * background.double().numpy()
+    return acc, 1 - T, clamped, stopped
+
+
+def _gpu_scene_names():
+    import test_render_gpu
+
+    return list(test_render_gpu.SCENES)
+
+
+@pytest.mark.parametrize("name", _gpu_scene_names())
+def test_gpu_parity_scenes_hit_the_special_cases(name):
+    """gsplat cannot run here; its parity scenes can. Each must still contain what it is meant to
+    test: culled Gaussians, a clamped Jacobian, alphas on the 0.999 clamp, a transmittance stop."""
+    import test_render_gpu as gpu
+
+    scene = gpu.make_scene(**gpu.SCENES[name])
+    colors, alphas, meta = gpu.render(scene, "cpu")
+    width, height = scene["width"], scene["height"]
+    nb, C = scene["means"].dim() - 2, scene["viewmats"].shape[-3]  # batch dims, cameras
+
+    def images(t):  # [*batch, C, ...] -> [images, C, ...]
+        return t.reshape(-1, C, *t.shape[nb + 1:])
+
+    m = {k: images(meta[k]) for k in ("means2d", "conics", "radii", "opacities", "depths")}
+    assert (m["radii"][:, :, list(gpu.CULLED)] == 0).all()
+    K = images(scene["Ks"])[:, 0]
+    fx, cx = K[:, 0, 0], K[:, 0, 2]
+    x_over_z = (m["means2d"][:, 0, gpu.CLAMPED_JACOBIAN, 0] - cx) / fx
+    limit = (width - cx) / fx + 0.3 * 0.5 * width / fx  # gsplat's lim_x_pos
+    assert (x_over_z > limit).all() and (m["radii"][:, 0, gpu.CLAMPED_JACOBIAN] > 0).all()
+
+    n_images = m["depths"].shape[0]
+    cols = scene["colors"].reshape(-1, *scene["colors"].shape[-2:]).expand(n_images, -1, -1)
+    bgs = None if scene["backgrounds"] is None else images(scene["backgrounds"])
+    image_colors, image_alphas = images(colors), images(alphas)
+    for i in range(n_images):
+        for c in range(C):
+            one = {k: v[i, c] for k, v in m.items()} | {"width": width, "height": height}
+
+            def walk(index):
+                x, y = (int(v) for v in gpu.centre_pixel(one, index).tolist())
+                assert 0 <= x < width and 0 <= y < height, f"Gaussian {index} is off camera {c}"
+                out = _walk_pixel(one, cols[i], None if bgs is None else bgs[i, c], x, y)
+                # The walk must be the kernel's arithmetic: check it against the rendered pixel.
+                np.testing.assert_allclose(out[0], image_colors[i, c, y, x].double().numpy(), atol=1e-5)
+                assert out[1] == pytest.approx(image_alphas[i, c, y, x, 0].item(), abs=1e-5)
+                return out
+
+            assert walk(gpu.STACK[0])[3], f"camera {c}: the stack's pixel does not reach T <= 1e-4"
+            if c == 0:
+                for index, opacity in zip(gpu.OPAQUE[:2], (1.0, 0.9995)):
+                    assert index in walk(index)[2], f"opacity {opacity} is not clamped to 0.999"
