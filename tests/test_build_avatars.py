@@ -113,7 +113,8 @@ def test_ray_job_submit_builds_reports_and_resubmits_as_a_no_op(head_node, tmp_p
     summary = json.loads((output / "synth" / "summary.json").read_text())
     assert summary["skipped_complete"] == 2 and set(summary["seconds_per_stage"].values()) == {0.0}
     assert {p: p.stat().st_mtime_ns for p in sorted((output / "synth" / "frames").glob("subject_id=*/*"))} == stamps
-    versions = sorted(p.parent.name for p in (output / "avatars").glob("*/v0002/avatar.json"))
-    assert versions == avatars and all(
+    retrained = sorted(p.parent.parent.name for p in (output / "avatars").glob("*/v0002/avatar.json"))
+    assert retrained == sorted(p.parent.parent.name for p in (output / "avatars").glob("*/v0001/avatar.json")) \
+        and len(retrained) == 2 and all(
         json.loads(p.read_text())["config"]["train"]["steps"] == 110
         for p in (output / "avatars").glob("*/v0002/avatar.json"))
