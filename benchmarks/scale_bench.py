@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             if s.get("node"):
                 ip = node_ips.get(s["node"], s["node"][:8])
                 spread[ip] = spread.get(ip, 0) + 1
-        emit("scale_subjects_per_node", spread, "subjects", **cfg_n)
+        for ip, count in sorted(spread.items()):
+            emit("scale_subjects_on_node", count, "subjects", **cfg_n, node_ip=ip)
         emit("scale_head_peak_rss", round(run["peaks"]["head_rss_mib"], 1), "MiB", **cfg_n)
         emit("scale_driver_peak_rss", round(run["peaks"]["driver_rss_mib"], 1), "MiB", **cfg_n)
         for name, size in run["disk"].items():
