@@ -17,8 +17,10 @@ requests/s, latency percentiles (p50, p90, p99), errors and the mean batch; then
 unbatched ratios of requests/s (over the whole phase, and the median over adjacent slice pairs) and
 of latency percentiles. Then a soak of --soak-s seconds on "batched" spreads requests over all
 three avatars (the bound of 2 forces loads and evictions) while the RSS of its Ingress and Renderer
-processes is sampled every second (after a 5 s warm-up): start, end, least-squares slope over the
+processes is sampled every second (after a warm-up): start, end, least-squares slope over the
 whole soak and over its second half (a warming process flattens, a leak keeps its slope).
+--quick (6 s per application, a 5 s soak after a 2 s warm-up) checks that it runs; its figures are
+rough.
 """
 
 from __future__ import annotations
@@ -144,7 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print JSON lines (figure, value, unit, config)")
-    p.add_argument("--quick", action="store_true", help="short phases (10 s each, 10 s soak; about a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="short phases (6 s each in 3 s slices, a 5 s soak; about a minute)")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--size", type=int, default=64, help="image side")
     p.add_argument("--gaussians", type=int, default=1000, help="Gaussians per avatar")
@@ -152,11 +155,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-ongoing", type=int, default=None,
                    help="max_ongoing_requests of both Renderers (default 2 x --batch)")
     p.add_argument("--phase-s", type=float, default=None, help="seconds of load per application (<= 60)")
-    p.add_argument("--slice-s", type=float, default=5.0, help="length of one alternating slice")
+    p.add_argument("--slice-s", type=float, default=None, help="length of one alternating slice (default 5, 3 quick)")
     p.add_argument("--soak-s", type=float, default=None, help="seconds of the soak (<= 60)")
     args = p.parse_args(argv)
-    args.phase_s = min(60.0, args.phase_s or (10.0 if args.quick else 40.0))
-    args.soak_s = min(60.0, args.soak_s or (10.0 if args.quick else 60.0))
+    args.phase_s = min(60.0, args.phase_s or (6.0 if args.quick else 40.0))
+    args.slice_s = args.slice_s or (3.0 if args.quick else 5.0)
+    args.soak_s = min(60.0, args.soak_s or (5.0 if args.quick else 60.0))
+    args.soak_warm_s = 2.0 if args.quick else 5.0
     args.max_ongoing = args.max_ongoing or 2 * args.batch
     if args.max_ongoing < args.batch:
         p.error(f"--max-ongoing {args.max_ongoing} < --batch {args.batch}: the cap would bound the batch")
@@ -256,7 +261,8 @@ def main(argv=None) -> int:
                         samples[proc].append((time.perf_counter() - t0, rss_mb(pid)))
                     await asyncio.sleep(1.0)
 
-            await drive(client, "/batched", SUBJECTS, 5.0, args.clients, args.size, seed=98)  # warm the soak path
+            await drive(client, "/batched", SUBJECTS, args.soak_warm_s, args.clients, args.size,
+                        seed=98)  # warm the soak path
             sampler = asyncio.create_task(sample())
             load_before = (await stats("batched"))["renderer"]
             soak = await drive(client, "/batched", SUBJECTS, args.soak_s, args.clients, args.size, seed=7)

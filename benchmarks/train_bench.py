@@ -25,8 +25,8 @@ at smoke sizes it is almost all fixed start-up (a trial process, a worker group)
 subject's minutes of training amortize. "loop" figures time only the training loop (the
 ``train_seconds`` metric), so they show what Ray costs per step. subjects/hour runs a grid of
 --grid-subjects subjects of the ``cpu-smoke`` preset as it is, at the default concurrency.
-``--quick``: 1 repeat of 60 steps and a 1-worker grid of 2 subjects (about a minute; the
-2-worker group's start-up alone is about 18 s on 2 cores).
+``--quick``: 1 repeat of 60 steps and no subjects/hour grid (under a minute; the 2-worker
+group's start-up alone is about 18 s on 2 cores).
 ``--full`` adds one ``cpu``-preset subject (its preset steps and checkpoints, once each): plain,
 1 worker, the overhead between them, and subjects/hour.
 The three are run interleaved, repeat by repeat. Ray starts once (excluded from the timings, up
@@ -57,7 +57,7 @@ from perse_ray.train.data import write_partition  # noqa: E402
 from perse_ray.train.loop import train_avatar  # noqa: E402
 
 LOGICAL_CPUS = 4
-QUICK = {"repeats": 1, "steps": 60, "grid_subjects": 2, "grid_workers": (1,)}
+QUICK = {"repeats": 1, "steps": 60, "grid_subjects": 1, "grid_workers": ()}
 
 
 def plain_run(rows: list[dict], cfg: Config, scratch: Path) -> tuple[float, float]:
@@ -87,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.add_argument("--quick", action="store_true",
-                   help=f"{QUICK['repeats']} repeat of {QUICK['steps']} steps, "
-                        f"a 1-worker grid of {QUICK['grid_subjects']} subjects")
+                   help=f"{QUICK['repeats']} repeat of {QUICK['steps']} steps, no subjects/hour grid")
     p.add_argument("--full", action="store_true", help="also one cpu-preset subject: plain, 1 worker, subjects/hour")
     p.add_argument("--repeats", type=int, default=None, help="runs per single-subject figure (median; default 3)")
     p.add_argument("--grid-subjects", type=int, default=None, help="subjects in the subjects/hour grid (default 4)")
