@@ -98,6 +98,9 @@ class SynthConfig:
     resolution: int = 128  # side of the aligned square portrait and of every frame
     attributes: list[AttributeSpec] = field(default_factory=_default_attributes)
     morph_alphas: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    # Motion-script frames (evenly spaced, never frame 0) that also get one frame with every
+    # attribute edited at once, at seeded non-source levels: combinations no single edit shows.
+    combined_frames: int = 0
     motion: MotionConfig = field(default_factory=MotionConfig)
     edit_backend: Literal["classical", "instruct_pix2pix"] = "classical"
     animate_backend: Literal["classical", "controlnet"] = "classical"

@@ -68,7 +68,12 @@ FRAMES = _schema("frames", [
     pa.field("id_score", pa.float32()),  # identity similarity to the source in [0, 1]
     pa.field("kept", pa.bool_(), nullable=False),
     pa.field("drop_reason", pa.string()),
+    # Other attributes' edit levels composed into this frame (null: only ``attribute`` is edited).
+    # Composed frames teach the decoder that its branches add up: never-trained slider combinations.
+    pa.field("also_edits", pa.map_(pa.string(), pa.float32())),
 ])
+# Columns added after version 1 was first written: tables without them read as all-null.
+ADDED_COLUMNS = {"frames": ("also_edits",)}
 
 AVATARS = _schema("avatars", [
     pa.field("subject_id", pa.string(), nullable=False),
@@ -98,6 +103,9 @@ def validate(table: pa.Table, name: str) -> pa.Table:
     version = (table.schema.metadata or {}).get(b"perse_ray.schema_version")
     if version is not None and version.decode() != SCHEMA_VERSION:
         raise SchemaError(f"{name}: schema version {version.decode()} != supported {SCHEMA_VERSION}")
+    for added in ADDED_COLUMNS.get(name, ()):
+        if added not in table.column_names:
+            table = table.append_column(added, pa.nulls(table.num_rows, schema.field(added).type))
     missing = [f.name for f in schema if f.name not in table.column_names]
     extra = [c for c in table.column_names if c not in schema.names]
     if missing or extra:

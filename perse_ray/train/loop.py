@@ -100,6 +100,15 @@ def frameset_from_rows(rows: Iterable[dict[str, Any]], layout: LatentLayout, wid
             if not (0 <= lo <= k_max and 0 <= hi <= k_max):
                 raise ValueError(f"frame edit {lo}->{hi} out of range for attribute {row['attribute']!r}")
             sel[i] = (lo, hi, alpha)
+        for name, level in (row.get("also_edits") or {}).items():
+            if name not in attr_index or name == row["attribute"]:
+                raise ValueError(f"frame also_edits names {name!r}: not another attribute of the latent layout "
+                                 f"{list(attr_index)}")
+            k_max = layout.attributes[attr_index[name]].num_edits - 1
+            if not 0 <= level <= k_max:
+                raise ValueError(f"frame also_edits {name}={level} out of range 0..{k_max}")
+            lo = min(int(math.floor(level)), k_max)
+            sel[attr_index[name]] = (lo, min(lo + 1, k_max), level - lo)
         weight = np.ones((height, width), dtype=np.float32)
         if interp and row.get("mask_png"):
             weight, _ = decode_resized(row["mask_png"], width, height, "L")
