@@ -209,6 +209,8 @@ class Config:
         the old section layout), so outputs made then are recognised and reused, not redone."""
         d = self.to_dict()
         m = d.pop("machine")
+        if not d["synth"]["combined_frames"]:  # keys added since: at their old behaviour they are absent
+            del d["synth"]["combined_frames"]
         d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],
                           cpus_per_actor=m["cpus_per_actor"], gpus_per_actor=m["gpus_per_actor"])
         d["render"] = {"backend": m["render_backend"], **d["render"], "background": d["avatar"].pop("background")}
