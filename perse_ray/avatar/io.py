@@ -60,6 +60,13 @@ class Avatar:
         K = torch.from_numpy(intrinsics(width, height, cam["fov_deg"]))
         return views, K.expand(len(poses), 3, 3)
 
+    def web_bundle(self, *, avatar_id: str | None = None, version: str | None = None) -> bytes:
+        """The avatar as a web bundle (``perse_ray.avatar.bundle``): what a browser needs to decode any
+        latent and splat it. ``avatar_id``/``version`` are recorded in its header."""
+        from perse_ray.avatar.bundle import encode_bundle
+
+        return encode_bundle(self.model, self.meta["camera"], avatar_id=avatar_id, version=version)
+
     @torch.no_grad()
     def render(self, z: torch.Tensor, poses: list[tuple[float, float]], width: int, height: int, *,
                background: list[float] | None = None, backend: str = "auto") -> torch.Tensor:
