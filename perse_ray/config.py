@@ -153,6 +153,7 @@ class TrainConfig:
     lr_codes: float = 1e-2
     lr_backdrop: float = 3e-2
     lr_final_ratio: float = 0.1  # every learning rate decays exponentially to this fraction
+    coarse_fraction: float = 0.0  # the first share of the steps trains at half the render size
     lambda_ssim: float = 0.2
     lambda_lpips: float = 0.0  # > 0 needs real LPIPS backbone weights (gpu preset)
     lambda_latent: float = 1e-4
@@ -209,8 +210,9 @@ class Config:
         the old section layout), so outputs made then are recognised and reused, not redone."""
         d = self.to_dict()
         m = d.pop("machine")
-        if not d["synth"]["combined_frames"]:  # keys added since: at their old behaviour they are absent
-            del d["synth"]["combined_frames"]
+        for section, key in (("synth", "combined_frames"), ("train", "coarse_fraction")):
+            if not d[section][key]:  # keys added since: at their old behaviour they are absent
+                del d[section][key]
         d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],
                           cpus_per_actor=m["cpus_per_actor"], gpus_per_actor=m["gpus_per_actor"])
         d["render"] = {"backend": m["render_backend"], **d["render"], "background": d["avatar"].pop("background")}

@@ -69,24 +69,39 @@ class BranchDecoder(nn.Module):
         self.w_out = nn.Parameter(torch.zeros(nb, hidden, out))
         self.b_out = nn.Parameter(torch.zeros(nb, out))
 
-    def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor]) -> torch.Tensor:
-        """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out]."""
+    def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor],
+                groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out].
+
+        ``groups[b]`` = (inverse [B], first [U]) names branch b's distinct rows (see ``row_groups``);
+        given, the decoder never looks at z's values, which on CUDA is a host sync per branch.
+        """
         nb, g_dim, hidden = self.w_gauss.shape
-        # Every branch's per-Gaussian input projection in one matrix product: [N, nb, H].
-        g_all = (gauss_in @ self.w_gauss.permute(1, 0, 2).reshape(g_dim, nb * hidden)).view(-1, nb, hidden)
+        # Every branch's per-Gaussian input projection in one matrix product, then one view per
+        # branch; parameters are unbound once so no per-branch slice back-propagates a zero-filled
+        # copy of the whole stacked tensor.
+        g_all = (gauss_in @ self.w_gauss.permute(1, 0, 2).reshape(g_dim, nb * hidden)).view(-1, nb, hidden).unbind(1)
+        w_z, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_z, self.b_in, self.w_out, self.b_out))
+        w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
         total = None
         for b, z in enumerate(z_branches):
-            uniq, inverse = torch.unique(z.detach(), dim=0, return_inverse=True)
-            first = torch.full((uniq.shape[0],), z.shape[0], dtype=torch.long, device=z.device)
-            first = first.scatter_reduce(0, inverse, torch.arange(z.shape[0], device=z.device), "amin")
+            inverse, first = groups[b] if groups is not None else row_groups(z.detach())
             zu = z[first]  # differentiable representatives of the distinct rows
-            h = g_all[:, b][None] + (zu @ self.w_z[b, : z.shape[1]] + self.b_in[b])[:, None]  # [U, N, H]
-            h = nn.functional.silu(h)
-            for w, bias in zip(self.w_hidden, self.b_hidden):
+            h = nn.functional.silu(g_all[b][None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, N, H]
+            for w, bias in w_hidden:
                 h = nn.functional.silu(h @ w[b] + bias[b])
-            out = (h @ self.w_out[b] + self.b_out[b])[inverse]  # [B, N, out]
+            out = h @ w_out[b] + b_out[b]  # [U, N, out]
+            out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out  # [B, N, out]
             total = out if total is None else total + out
         return total
+
+
+def row_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``rows`` [B, d]: (inverse [B] into them, first [U] = a row index of each)."""
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((uniq.shape[0],), rows.shape[0], dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(rows.shape[0], device=rows.device), "amin")
+    return inverse, first
 
 
 class AvatarModel(nn.Module):
@@ -148,13 +163,24 @@ class AvatarModel(nn.Module):
 
     # ----------------------------------------------------------------- decoding
 
-    def gaussians(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Decode latents z [B, dim] into activated Gaussians, each [B, N, ...]."""
+    def latent_groups(self, expression: torch.Tensor, selections: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``compose``'s inputs → each decoder branch's distinct rows (``row_groups``), from values
+        the trainer holds on the CPU anyway: the decoder then needs no look at z on the device."""
+        rows = [expression if self.layout.exp_dim else expression.new_zeros(expression.shape[0], 1)]
+        rows += [selections[:, i] for i in range(len(self.layout.attributes))]
+        return [row_groups(r) for r in rows]
+
+    def gaussians(self, z: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  ) -> dict[str, torch.Tensor]:
+        """Decode latents z [B, dim] into activated Gaussians, each [B, N, ...]. ``groups``: see
+        ``latent_groups`` (found from z when not given)."""
         slices = self.layout.slices()
         branches = [z[:, slices["expression"]] if self.layout.exp_dim else z.new_zeros(z.shape[0], 1)]
         branches += [z[:, slices[a.name]] for a in self.layout.attributes]
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
-        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches)
+        if groups is not None:
+            groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
+        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups)
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         return {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],
@@ -165,14 +191,14 @@ class AvatarModel(nn.Module):
         }
 
     def render(self, z: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *,
-               background: torch.Tensor | None = None, backend: str = "auto"):
+               background: torch.Tensor | None = None, backend: str = "auto", groups=None):
         """z [B, dim], viewmats [B, C, 4, 4], Ks [B, C, 3, 3] → (rgb [B, C, H, W, 3], alpha, gaussians).
 
         ``background`` [3] replaces the learned backdrop (e.g. a plain colour for serving).
         """
         from perse_ray.render import rasterize
 
-        g = self.gaussians(z)
+        g = self.gaussians(z, groups)
         rgb, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
                                   viewmats, Ks, width, height, backend=backend)
         if background is not None:

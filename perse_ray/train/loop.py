@@ -202,10 +202,10 @@ def photometric_loss(render: torch.Tensor, target: torch.Tensor, weight: torch.T
     return loss
 
 
-def render_frames(model: AvatarModel, frames: FrameSet, backend: str):
+def render_frames(model: AvatarModel, frames: FrameSet, backend: str, groups=None):
     z = model.compose(frames.expression, frames.selections)
     rgb, _, g = model.render(z, frames.viewmats[:, None], frames.Ks[:, None],
-                             frames.images.shape[2], frames.images.shape[1], backend=backend)
+                             frames.images.shape[2], frames.images.shape[1], backend=backend, groups=groups)
     return rgb[:, 0], g
 
 
@@ -249,9 +249,19 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     layout = LatentLayout.from_config(config.synth, config.avatar.code_dim)
     device = resolve_device(machine.device)
     data = frameset_from_rows(rows, layout, rcfg.width, rcfg.height)
-    train_idx, held_idx = (i.to(device) for i in split_holdout(data, tcfg.holdout_fraction, tcfg.seed))
+    train_idx, held_idx = split_holdout(data, tcfg.holdout_fraction, tcfg.seed)
+    latents_cpu = (data.expression[train_idx], data.selections[train_idx])  # for the decoder's row groups
+    train_idx, held_idx = train_idx.to(device), held_idx.to(device)
     data = data.to(device)
     train_set = data.subset(train_idx)
+    # Coarse-to-fine: the first train.coarse_fraction of the steps see the same frames at half the
+    # size (decoded from the same PNGs, as a half-size preset would), where a step costs less and
+    # the Gaussians still move far; the rest refine at full size.
+    if not 0.0 <= tcfg.coarse_fraction <= 1.0:
+        raise ValueError(f"train.coarse_fraction must be in [0, 1], got {tcfg.coarse_fraction}")
+    coarse_steps = int(round(tcfg.coarse_fraction * tcfg.steps))
+    coarse_set = (frameset_from_rows(rows, layout, max(rcfg.width // 2, 1), max(rcfg.height // 2, 1))
+                  .to(device).subset(train_idx) if coarse_steps else None)
 
     model = AvatarModel(layout, config.avatar, seed=tcfg.seed).to(device)
     optimizer = torch.optim.Adam(_param_groups(model, tcfg), eps=1e-15)
@@ -280,9 +290,11 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         # One draw for the whole group, so the generator (also used by relocation, and saved in
         # checkpoints) stays identical on every rank; each rank trains on its own share of it.
         draw = torch.randint(len(train_set), (global_batch,), generator=gen)
-        batch_idx = draw[rank::world].to(device)
-        batch = train_set.subset(batch_idx)
-        rgb, g = render_frames(model, batch, machine.render_backend)
+        batch_idx = draw[rank::world]
+        groups = model.latent_groups(latents_cpu[0][batch_idx], latents_cpu[1][batch_idx])
+        batch_idx = batch_idx.to(device)
+        batch = (coarse_set if step < coarse_steps else train_set).subset(batch_idx)
+        rgb, g = render_frames(model, batch, machine.render_backend, groups)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim, lpips_model, tcfg.lambda_lpips)
         loss = (per_frame * morph_weight[batch_idx]).sum() / global_batch
         if tcfg.lambda_latent:  # once over the group: each rank adds its share
