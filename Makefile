@@ -49,6 +49,7 @@ bench: venv
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
 serve: venv
+	@echo "serve: $$(grep -E '^\s+auth:' serve/config.yaml | head -1 | xargs)$${PERSE_KEYS_FILE:+ (keys file $$PERSE_KEYS_FILE)} (serve/config.yaml)"
 	PERSE_REGISTRY=$${PERSE_REGISTRY:-$(OUT)/avatars} $(ISOLATED) $(VENV)/bin/serve run serve/config.yaml
 
 clean:

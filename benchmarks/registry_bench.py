@@ -168,7 +168,7 @@ def measure_serve(base: Path, sizes: list[int], rounds: int) -> list[dict]:
                                                   for n in sizes}
     try:
         for n, root in roots.items():
-            serve.run(build_app({"registry": str(root)}), name=f"n{n}", route_prefix=f"/n{n}")
+            serve.run(build_app({"registry": str(root), "auth": "none"}), name=f"n{n}", route_prefix=f"/n{n}")
         channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
         grpc.channel_ready_future(channel).result(timeout=60)
         stub = render_pb2_grpc.RendererStub(channel)

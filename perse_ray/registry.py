@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -243,6 +244,41 @@ class Registry:
             os.fsync(fh.fileno())
         os.replace(tmp, self.root / INDEX)
 
+    def delete(self, subject_id: str) -> int:
+        """Remove every version of a subject and its index lines; returns how many versions there
+        were (0: nothing to do, so a repeated delete is a no-op). Under the index lock the subject's
+        folder is renamed out of sight (``.deleting-*``, which no reader looks at) and the index is
+        rewritten without the subject's lines into a new file that replaces it, so concurrent
+        ``put``s of other subjects lose nothing and every ``RegistryIndex`` sees a new file (a new
+        inode) and reads it again whole. The renamed folder is removed after the lock is released."""
+        validate_subject_id(subject_id)
+        if not self.root.is_dir():
+            return 0
+        gone = self.root / f".deleting-{subject_id}-{uuid.uuid4().hex[:8]}"
+        with self._index_lock():
+            self._ensure_index()
+            subject_dir = self.root / subject_id
+            versions = 0
+            if subject_dir.is_dir():
+                versions = sum(1 for v in os.scandir(subject_dir) if VERSION.match(v.name))
+                os.rename(subject_dir, gone)
+            index = self.root / INDEX
+            lines = index.read_bytes().splitlines(keepends=True) if index.exists() else []
+            kept = [line for line in lines if not _names_subject(line, subject_id)]
+            if len(kept) != len(lines):
+                versions = max(versions, len(lines) - len(kept))
+                fd, tmp = tempfile.mkstemp(prefix=".index-", dir=self.root)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.writelines(line if line.endswith(b"\n") else line + b"\n" for line in kept)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, index)
+                _fsync_dir(self.root)
+        shutil.rmtree(gone, ignore_errors=True)
+        for leftover in self.root.glob(f".deleting-{subject_id}-*"):  # from a delete killed midway
+            shutil.rmtree(leftover, ignore_errors=True)
+        return versions
+
     def rebuild_index(self) -> list[tuple[str, str]]:
         """Re-index the whole tree (after manual repairs); returns the unusable folders with reasons."""
         with self._index_lock():
@@ -255,7 +291,8 @@ class RegistryIndex:
     """An in-memory view of a registry for readers that must not touch the disk per request (Serve).
 
     ``refresh()`` costs one ``stat`` when nothing changed and otherwise reads only the bytes appended
-    since the last refresh (a rewritten index, e.g. after ``rebuild_index``, is read again whole).
+    since the last refresh (a rewritten index, after ``delete`` or ``rebuild_index``, is a new file:
+    it is read again whole, so deleted subjects drop out).
     Every other method answers from memory. Not thread-safe for concurrent ``refresh`` calls; the
     readers may run beside one refresher.
     """
@@ -285,8 +322,12 @@ class RegistryIndex:
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if key == self._stat:
             return False
-        replaced = self._stat is None or st.st_ino != self._stat[0] or st.st_size < self._offset
         with open(self.path, "rb") as fh:
+            # The file opened, not the one stat()ed: a delete may have replaced it in between.
+            st = os.fstat(fh.fileno())
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            # A new inode is a rewritten index (a delete, rebuild_index): read it again whole.
+            replaced = self._stat is None or st.st_ino != self._stat[0] or st.st_size < self._offset
             offset = 0 if replaced else self._offset
             fh.seek(offset)
             data = fh.read()
@@ -386,6 +427,15 @@ class _FileLock:
     def __exit__(self, *exc):
         fcntl.flock(self._fh, fcntl.LOCK_UN)
         self._fh.close()
+
+
+def _names_subject(raw: bytes, subject_id: str) -> bool:
+    """Whether an index line belongs to ``subject_id`` (a garbled line that mentions it counts too:
+    a deletion leaves no trace of the subject in the index)."""
+    try:
+        return json.loads(raw).get("subject_id") == subject_id
+    except (ValueError, AttributeError):
+        return subject_id.encode() in raw
 
 
 def _append_line(path: Path, line: str) -> None:

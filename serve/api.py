@@ -14,6 +14,7 @@ deployments in ``serve.app`` and ``serve.renderer`` and the front-ends in ``serv
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import json
@@ -38,7 +39,7 @@ LIMITS = ("Limits: |yaw| <= 90 and |pitch| <= 60 degrees; width and height in [m
           "a latent has the avatar's exact length; every number finite; bodies up to max_body_bytes. "
           "Floats are rounded to float32 (gRPC's float), so one request renders the same pixels over "
           "HTTP and gRPC. A newly registered avatar or version is served within index_refresh_s "
-          "(1 s by default) of its registration.")
+          "(1 s by default) of its registration, and a deleted one stops being served within the same delay.")
 # Manifest fields a client may see (the rest, e.g. the training config, stays internal).
 PUBLIC_MANIFEST = ("created_at", "preset", "metrics", "camera", "layout", "format", "format_version")
 
@@ -55,6 +56,13 @@ class ServeConfig:
     max_body_bytes: int = 65_536  # larger bodies: 413 / RESOURCE_EXHAUSTED
     num_gpus: float = 0.0  # per Renderer replica; > 0 renders with gsplat on CUDA
     index_refresh_s: float = 1.0  # how often the Ingress re-reads the registry index (the visibility delay)
+    # Authentication (serve.auth): "none" (local use) or "keys". build_app requires it to be stated.
+    auth: str = "none"
+    keys_file: str = ""  # auth: keys: the JSON file of key hashes; missing or unreadable: start-up error
+    link_secret_file: str = ""  # signs viewer links (>= 32 bytes); empty: links are off
+    audit_log: str = ""  # JSON lines of renders, exports, links and deletes; empty: the replica's stderr log
+    output: str = ""  # the build output the admin delete cleans (empty: the registry's parent folder)
+    max_page_size: int = 1000  # largest page of GET /v1/avatars and ListAvatars
 
 
 def serve_config(values: dict[str, Any]) -> ServeConfig:
@@ -63,7 +71,7 @@ def serve_config(values: dict[str, Any]) -> ServeConfig:
     cfg = from_dict(ServeConfig, values, "serve")
     if (cfg.max_batch_size < 1 or cfg.max_avatars_per_replica < 1 or not 1 <= cfg.min_side <= cfg.max_side
             or cfg.max_body_bytes < 1 or cfg.batch_wait_timeout_s < 0 or cfg.num_gpus < 0
-            or not 0 < cfg.index_refresh_s <= 3600):
+            or not 0 < cfg.index_refresh_s <= 3600 or cfg.max_page_size < 1):
         raise ValueError(f"invalid serve config {cfg}")
     return cfg
 
@@ -71,7 +79,8 @@ def serve_config(values: dict[str, Any]) -> ServeConfig:
 class ApiError(Exception):
     """A request the API refuses: HTTP status + message naming the field; mapped to a gRPC code."""
 
-    GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND,
+    GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                  403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND,
                   413: grpc.StatusCode.RESOURCE_EXHAUSTED, 422: grpc.StatusCode.INVALID_ARGUMENT}
 
     def __init__(self, status: int, message: str):
@@ -170,6 +179,7 @@ class Snapshot:
     listing: tuple[dict[str, Any], ...]  # summaries of the usable avatars, by subject id
     listing_json: bytes  # ``listing`` encoded once (the /v1/avatars body)
     problems: tuple[tuple[str, str], ...]  # (where, reason): skipped by the index or unusable here
+    ids: tuple[str, ...] = ()  # the ids of ``listing``, sorted: pages are found by bisection
 
 
 def _prepare(entry: AvatarEntry) -> _Avatar:
@@ -243,7 +253,8 @@ class Catalog:
         listing = tuple(a.summary for _, a in sorted(avatars.items()) if a.error is None)
         problems = tuple(self.index.problems()) + tuple(
             (f"{a.entry.subject_id}@{a.entry.version}", a.error) for a in avatars.values() if a.error)
-        return Snapshot(previous.generation + 1, avatars, listing, json.dumps(listing).encode(), problems)
+        return Snapshot(previous.generation + 1, avatars, listing, json.dumps(listing).encode(), problems,
+                        tuple(a["id"] for a in listing))
 
     # ------------------------------------------------------------------ memory only
 
@@ -272,6 +283,36 @@ class Catalog:
     def summaries(self) -> tuple[dict[str, Any], ...]:
         """Every usable avatar's newest version: id, version, attributes (name -> edit labels), expressions."""
         return self._snapshot.listing
+
+    def page(self, after: str = "", limit: int | None = None,
+             subjects: frozenset[str] | None = None) -> tuple[list[dict[str, Any]], str]:
+        """One page of the listing, sorted by id, starting after the id ``after``: (summaries, the
+        ``after`` of the next page or "" at the end). ``subjects`` (a key's subject list) restricts
+        it; the cost is O(log n + limit), or O(len(subjects)) for a restricted key, at any n."""
+        limit = self.cfg.max_page_size if limit is None else limit
+        if not 1 <= limit <= self.cfg.max_page_size:
+            raise ApiError(422, f"limit: {limit} outside [1, {self.cfg.max_page_size}]")
+        if after:
+            try:
+                validate_subject_id(after)
+            except ValueError as e:
+                raise ApiError(422, f"after: {e}") from None
+        snap = self._snapshot
+        if subjects is None:
+            start = bisect.bisect_right(snap.ids, after) if after else 0
+            items = list(snap.listing[start:start + limit + 1])
+        else:
+            ids = sorted(s for s in subjects if s > after)
+            items = []
+            for sid in ids:
+                avatar = snap.avatars.get(sid)
+                if avatar is not None and avatar.error is None:
+                    items.append(avatar.summary)
+                    if len(items) > limit:
+                        break
+        more = len(items) > limit
+        items = items[:limit]
+        return items, (items[-1]["id"] if more else "")
 
     def stats(self) -> dict[str, Any]:
         snap = self._snapshot

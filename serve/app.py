@@ -32,6 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from perse_ray.avatar import AvatarFormatError
 from perse_ray.registry import RegistryError
 from serve.api import ApiError, Catalog, RenderJob, serve_config
+from serve.auth import Audit, Auth
 from serve.grpc_api import GrpcApi
 from serve.http_api import make_http_app
 from serve.renderer import Renderer
@@ -45,6 +46,11 @@ class Ingress(GrpcApi):
     async def __init__(self, renderer: DeploymentHandle, registry_root: str, serve_cfg: dict[str, Any]):
         self.renderer = renderer
         self.cfg = serve_config(serve_cfg)
+        self.registry_root = registry_root
+        # A keys file that is missing or invalid stops the replica here (never an open server).
+        self.auth = Auth(self.cfg.auth, self.cfg.keys_file, self.cfg.link_secret_file)
+        self.audit = Audit(self.cfg.audit_log)
+        log.info("perse-ray render API: %s", self.auth.describe())
         # The first read of the registry happens before the replica takes requests.
         self.catalog = await asyncio.to_thread(Catalog.open, registry_root, self.cfg)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -65,12 +71,32 @@ class Ingress(GrpcApi):
             await asyncio.sleep(self.cfg.index_refresh_s)
             try:
                 await asyncio.to_thread(self.catalog.refresh)
+                await asyncio.to_thread(self.auth.refresh)  # issued and revoked keys, same delay
                 reported = None
             except Exception as e:  # noqa: BLE001 (the loop must outlive any one bad read)
                 if str(e) != reported:
                     log.error("registry index refresh failed (serving the last good catalog): %s: %s",
                               type(e).__name__, e)
                     reported = str(e)
+
+    async def delete_subject(self, subject_id: str, key_id: str) -> dict[str, Any]:
+        """Admin: ``perse_ray.deletion.delete_subject`` on the build output, then a catalog refresh
+        (this replica stops serving it at once, the others within index_refresh_s)."""
+        from perse_ray.deletion import delete_subject
+
+        output = self.cfg.output or str(Path(self.registry_root).parent)
+        try:
+            report = await asyncio.to_thread(delete_subject, output, subject_id, f"key:{key_id}",
+                                             log=lambda line: log.info("delete: %s", line))
+        except Exception as e:
+            self.audit("delete", key_id, f"failed: {type(e).__name__}", subject_id)
+            raise ApiError(500, f"delete {subject_id}: {type(e).__name__}: {e}") from None
+        await asyncio.to_thread(self.catalog.refresh)
+        self.audit("delete", key_id, report.audit["outcome"], subject_id, audit_id=report.audit["id"],
+                   registry_versions=report.registry_versions)
+        return {"subject": subject_id, "outcome": report.audit["outcome"], "audit_id": report.audit["id"],
+                "registry_versions": report.registry_versions, "paths_removed": len(report.removed),
+                "files_rewritten": report.rewritten, "served_until_s": self.cfg.index_refresh_s}
 
     async def call(self, method: str, job: RenderJob) -> bytes:
         """``Renderer.<method>(job)`` on a replica that holds (or loads) the job's avatar."""
@@ -87,9 +113,10 @@ class Ingress(GrpcApi):
 def build_app(args: dict[str, Any] | None = None):
     """Application builder (``import_path: serve.app:build_app``).
 
-    ``args``: ``registry`` (the registry root) and any ``ServeConfig`` field (max_batch_size,
-    batch_wait_timeout_s, max_avatars_per_replica, max_side, min_side, max_body_bytes, num_gpus,
-    index_refresh_s). The environment variable ``PERSE_REGISTRY``, when set, replaces ``registry``
+    ``args``: ``registry`` (the registry root), ``auth`` (required: ``none`` or ``keys``) and any
+    other ``ServeConfig`` field (max_batch_size, batch_wait_timeout_s, max_avatars_per_replica,
+    max_side, min_side, max_body_bytes, num_gpus, index_refresh_s, keys_file, link_secret_file,
+    audit_log, output, max_page_size). ``PERSE_KEYS_FILE`` replaces ``keys_file`` under auth: keys. The environment variable ``PERSE_REGISTRY``, when set, replaces ``registry``
     (one config file, any registry). A relative path is resolved where the application is built.
     """
     args = dict(args or {})
@@ -100,8 +127,16 @@ def build_app(args: dict[str, Any] | None = None):
     root = Path(registry).expanduser().resolve()
     if not root.is_dir():
         raise ValueError(f"build_app: registry {root} is not a directory")
+    if "auth" not in args:
+        raise ValueError("build_app: set auth: keys (with keys_file) or auth: none (no credentials checked)")
+    if args.get("auth") == "keys" and os.environ.get("PERSE_KEYS_FILE"):
+        args["keys_file"] = os.environ["PERSE_KEYS_FILE"]
+    for name in ("keys_file", "link_secret_file", "audit_log", "output"):  # resolved where the app is built
+        if args.get(name):
+            args[name] = str(Path(args[name]).expanduser().resolve())
     try:
         cfg = serve_config(args)
+        Auth(cfg.auth, cfg.keys_file, cfg.link_secret_file)  # a missing keys file fails here, at start-up
     except ValueError as e:
         if type(e) is not ValueError:  # ConfigError: it names the key already
             raise

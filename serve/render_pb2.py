@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12serve/render.proto\x12\x08perse.v1\"\xec\x02\n\rRenderRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12;\n\nattributes\x18\x02 \x03(\x0b\x32\'.perse.v1.RenderRequest.AttributesEntry\x12;\n\nexpression\x18\x03 \x03(\x0b\x32\'.perse.v1.RenderRequest.ExpressionEntry\x12\x0b\n\x03yaw\x18\x04 \x01(\x02\x12\r\n\x05pitch\x18\x05 \x01(\x02\x12\x12\n\x05width\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06latent\x18\x08 \x03(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x31\n\x0f\x45xpressionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_widthB\t\n\x07_height\"9\n\x0bRenderReply\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\"\x14\n\x12ListAvatarsRequest\".\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64it_labels\x18\x02 \x03(\t\"g\n\nAvatarInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\nattributes\x18\x03 \x03(\x0b\x32\x13.perse.v1.Attribute\x12\x13\n\x0b\x65xpressions\x18\x04 \x03(\t\"9\n\x10ListAvatarsReply\x12%\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x14.perse.v1.AvatarInfo2\x8d\x01\n\x08Renderer\x12\x38\n\x06Render\x12\x17.perse.v1.RenderRequest\x1a\x15.perse.v1.RenderReply\x12G\n\x0bListAvatars\x12\x1c.perse.v1.ListAvatarsRequest\x1a\x1a.perse.v1.ListAvatarsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12serve/render.proto\x12\x08perse.v1\"\xec\x02\n\rRenderRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12;\n\nattributes\x18\x02 \x03(\x0b\x32\'.perse.v1.RenderRequest.AttributesEntry\x12;\n\nexpression\x18\x03 \x03(\x0b\x32\'.perse.v1.RenderRequest.ExpressionEntry\x12\x0b\n\x03yaw\x18\x04 \x01(\x02\x12\r\n\x05pitch\x18\x05 \x01(\x02\x12\x12\n\x05width\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x13\n\x06height\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x0e\n\x06latent\x18\x08 \x03(\x02\x1a\x31\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x1a\x31\n\x0f\x45xpressionEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x08\n\x06_widthB\t\n\x07_height\"9\n\x0bRenderReply\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\";\n\x12ListAvatarsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\".\n\tAttribute\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x65\x64it_labels\x18\x02 \x03(\t\"g\n\nAvatarInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\'\n\nattributes\x18\x03 \x03(\x0b\x32\x13.perse.v1.Attribute\x12\x13\n\x0b\x65xpressions\x18\x04 \x03(\t\"R\n\x10ListAvatarsReply\x12%\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x14.perse.v1.AvatarInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8d\x01\n\x08Renderer\x12\x38\n\x06Render\x12\x17.perse.v1.RenderRequest\x1a\x15.perse.v1.RenderReply\x12G\n\x0bListAvatars\x12\x1c.perse.v1.ListAvatarsRequest\x1a\x1a.perse.v1.ListAvatarsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RENDERREPLY']._serialized_start=399
   _globals['_RENDERREPLY']._serialized_end=456
   _globals['_LISTAVATARSREQUEST']._serialized_start=458
-  _globals['_LISTAVATARSREQUEST']._serialized_end=478
-  _globals['_ATTRIBUTE']._serialized_start=480
-  _globals['_ATTRIBUTE']._serialized_end=526
-  _globals['_AVATARINFO']._serialized_start=528
-  _globals['_AVATARINFO']._serialized_end=631
-  _globals['_LISTAVATARSREPLY']._serialized_start=633
-  _globals['_LISTAVATARSREPLY']._serialized_end=690
-  _globals['_RENDERER']._serialized_start=693
-  _globals['_RENDERER']._serialized_end=834
+  _globals['_LISTAVATARSREQUEST']._serialized_end=517
+  _globals['_ATTRIBUTE']._serialized_start=519
+  _globals['_ATTRIBUTE']._serialized_end=565
+  _globals['_AVATARINFO']._serialized_start=567
+  _globals['_AVATARINFO']._serialized_end=670
+  _globals['_LISTAVATARSREPLY']._serialized_start=672
+  _globals['_LISTAVATARSREPLY']._serialized_end=754
+  _globals['_RENDERER']._serialized_start=757
+  _globals['_RENDERER']._serialized_end=898
 # @@protoc_insertion_point(module_scope)

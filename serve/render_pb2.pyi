@@ -51,8 +51,12 @@ class RenderReply(_message.Message):
     def __init__(self, png: _Optional[bytes] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
 
 class ListAvatarsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Attribute(_message.Message):
     __slots__ = ("name", "edit_labels")
@@ -75,7 +79,9 @@ class AvatarInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., version: _Optional[str] = ..., attributes: _Optional[_Iterable[_Union[Attribute, _Mapping]]] = ..., expressions: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListAvatarsReply(_message.Message):
-    __slots__ = ("avatars",)
+    __slots__ = ("avatars", "next_page_token")
     AVATARS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     avatars: _containers.RepeatedCompositeFieldContainer[AvatarInfo]
-    def __init__(self, avatars: _Optional[_Iterable[_Union[AvatarInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, avatars: _Optional[_Iterable[_Union[AvatarInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -57,8 +57,8 @@ class RendererServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAvatars(self, request, context):
-        """The newest version of every usable avatar in the registry, sorted by id. A newly registered
-        avatar or version appears within index_refresh_s (1 s by default).
+        """The newest version of every usable avatar the caller may see, sorted by id. A newly registered
+        avatar or version appears within index_refresh_s (1 s by default), a deleted one goes within it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

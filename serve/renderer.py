@@ -14,6 +14,7 @@ import copy
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ class Renderer:
         self.device = torch.device("cuda" if self.cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         self._lock = threading.RLock()  # Serve runs __del__ (eviction) in an executor thread
         self._resident: dict[str, _Resident] = {}
-        self._counts = {"loads": 0, "batches": 0, "requests": 0, "largest_batch": 0}
+        self._counts = {"loads": 0, "batches": 0, "requests": 0, "largest_batch": 0, "dropped_deleted": 0}
 
         async def load(model_id: str) -> _Resident:
             avatar, model = await asyncio.to_thread(self._read, model_id)
@@ -101,6 +102,32 @@ class Renderer:
         self._render_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._render_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         _warm_up(self.device)
+        threading.Thread(target=self._drop_deleted_forever, name="drop deleted avatars", daemon=True).start()
+
+    def _drop_deleted_forever(self) -> None:
+        """Every ``index_refresh_s``: a loaded avatar whose version folder is gone (its subject was
+        deleted) is dropped from memory (one stat per loaded avatar)."""
+        while True:
+            time.sleep(self.cfg.index_refresh_s)
+            with self._lock:
+                residents = list(self._resident.values())
+            for resident in residents:
+                subject, version = resident.model_id.split("@")
+                if not (self.registry.root / subject / version).is_dir():
+                    with self._lock:
+                        resident.avatar = resident.model = None
+                        self._resident.pop(resident.model_id, None)
+                        self._counts["dropped_deleted"] += 1
+
+    async def _loaded(self, model_id: str) -> _Resident:
+        """The multiplexed avatar; one dropped after a delete is read again if it was rebuilt since."""
+        resident = await self._avatar(model_id)
+        if resident.avatar is None:
+            avatar, model = await asyncio.to_thread(self._read, model_id)
+            with self._lock:
+                resident.avatar, resident.model = avatar, model
+                self._resident[model_id] = resident
+        return resident
 
     def _read(self, model_id: str) -> tuple[Avatar, torch.nn.Module]:
         subject, version = model_id.split("@")
@@ -133,7 +160,7 @@ class Renderer:
         results: list[bytes | Exception] = [b""] * len(jobs)
         for (model_id, _, _), members in groups.items():
             try:
-                resident = await self._avatar(model_id)
+                resident = await self._loaded(model_id)
                 pngs = await asyncio.to_thread(render_pngs, resident, [jobs[i].spec for i in members], self.device)
             except Exception as e:  # fails this group's requests only
                 pngs = [e] * len(members)
@@ -142,7 +169,7 @@ class Renderer:
         return results
 
     async def ply(self, job: RenderJob) -> bytes:
-        resident = await self._avatar(job.model_id)
+        resident = await self._loaded(job.model_id)
         return await asyncio.to_thread(_ply_bytes, resident.avatar, _latent(resident.avatar, job.spec))
 
     def stats(self) -> dict[str, Any]:

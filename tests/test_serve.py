@@ -220,13 +220,13 @@ def test_build_app_checks_its_arguments(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="is not a directory"):
         build_app({"registry": str(tmp_path / "missing")})
     with pytest.raises(ConfigError, match="unknown key serve.max_batchsize"):
-        build_app({"registry": str(tmp_path), "max_batchsize": 4})
+        build_app({"registry": str(tmp_path), "auth": "none", "max_batchsize": 4})
     with pytest.raises(ValueError, match="invalid serve config"):
-        build_app({"registry": str(tmp_path), "max_batch_size": 0})
+        build_app({"registry": str(tmp_path), "auth": "none", "max_batch_size": 0})
     with pytest.raises(ValueError, match="invalid serve config"):
-        build_app({"registry": str(tmp_path), "index_refresh_s": 0})
+        build_app({"registry": str(tmp_path), "auth": "none", "index_refresh_s": 0})
     monkeypatch.setenv("PERSE_REGISTRY", str(tmp_path))  # replaces the config's registry
-    assert build_app({"registry": str(tmp_path / "missing")}) is not None
+    assert build_app({"registry": str(tmp_path / "missing"), "auth": "none"}) is not None
 
 
 # --------------------------------------------------------------------------- the Serve application
@@ -250,7 +250,7 @@ def server(ray_cluster, tmp_path_factory):
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [SERVICER]})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PERSE_REGISTRY", raising=False)
-        app = build_app({"registry": str(tmp / "avatars"), "max_avatars_per_replica": 2, "max_batch_size": 8,
+        app = build_app({"registry": str(tmp / "avatars"), "auth": "none", "max_avatars_per_replica": 2, "max_batch_size": 8,
                          "batch_wait_timeout_s": 0.05})
     serve.run(app, name="perse-test", route_prefix="/")
     import grpc

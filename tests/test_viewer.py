@@ -70,7 +70,7 @@ def viewer_url(ray_cluster, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("PERSE_REGISTRY", raising=False)
-        serve.run(build_app({"registry": str(root)}), name="viewer-test", route_prefix="/")
+        serve.run(build_app({"registry": str(root), "auth": "none"}), name="viewer-test", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
