@@ -21,6 +21,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from perse_ray.schema import validate_subject_id
 from serve.api import DEFAULT_SIDE, LIMITS, MAX_PITCH, MAX_YAW, ApiError, rss_bytes
+from serve.bundle_api import add_bundle_routes
 from serve.auth import MAX_LINK_TTL_S, AuthError, Principal
 
 WEB = Path(__file__).resolve().parent / "web"  # the browser viewer, served at /viewer/ when present
@@ -222,6 +223,7 @@ def make_http_app(ingress) -> FastAPI:
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     catalog = ingress.catalog
+    add_bundle_routes(app, catalog)  # before the manifest route, whose id convertor would take ".../bundle"
 
     async def audited(action: str, request: Request, job, call):
         principal = request.state.principal

@@ -1,26 +1,59 @@
-// perse-ray viewer: sliders → POST /v1/avatars/{id}/render, state in the query string.
-// Plain JS, no dependencies: it is served by the Serve ingress and must work offline.
-"use strict";
+// perse-ray viewer. Two renderers behind one set of controls:
+//   client  the avatar's web bundle is decoded here (bundle.js) and splatted with Spark (splat_view.js);
+//           sliders re-decode only their branch, orbit and zoom decode nothing, no request per change;
+//   server  every change is POST /v1/avatars/{id}/render (the reference; works without WebGL2).
+// State lives in the query string (render=server|client picks the mode). Every request goes
+// through api(), which sends the credential the page was opened with.
+import { BundleError, Decoder, MAX_BUNDLE_BYTES, composeLatent, parseBundle, plyBytes } from "./bundle.js";
 
 const RENDER_SIZE = 384;
 const STRIP_SIZE = 96;
 const STRIP_STEPS = 5;
 const DEBOUNCE_MS = 60;
-const CAMERA = { yaw: { min: -45, max: 45, step: 1 }, pitch: { min: -25, max: 25, step: 1 } };
+const CAMERA = { yaw: { min: -90, max: 90, step: 1 }, pitch: { min: -60, max: 60, step: 1 } };
+const ZOOM = { min: 0.5, max: 2 };
 
 const $ = (id) => document.getElementById(id);
-const state = { avatars: [], avatar: null, attributes: {}, expression: {}, yaw: 0, pitch: 0 };
+const state = { avatars: [], avatar: null, attributes: {}, expression: {}, yaw: 0, pitch: 0, zoom: 1, mode: "server" };
+const client = { key: null, bundle: null, decoder: null, view: null, error: null, loading: null, frameReq: 0,
+  decodeMs: [], bundleBytes: 0, bundleMs: 0, shown: null };
 let lastGoodUrl = null;
 let requestSeq = 0; // newest request wins: older replies are dropped
 let inflight = null;
 let debounceTimer = null;
 
+// ---------------------------------------------------------------- requests
+
+// The credential the page was opened with: ?token=… or #token=… (a signed viewer link).
+const CREDENTIAL = (() => {
+  const q = new URLSearchParams(location.search).get("token");
+  const h = new URLSearchParams(location.hash.slice(1)).get("token");
+  return q || h || null;
+})();
+
+/** Every request of the page goes through here. */
+function api(path, init = {}) {
+  const headers = new Headers(init.headers || {});
+  if (CREDENTIAL) headers.set("Authorization", `Bearer ${CREDENTIAL}`);
+  return fetch(path, { ...init, headers });
+}
+
+function post(path, payload, signal) {
+  return api(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: payload, signal });
+}
+
 function setStatus(text) { $("status").textContent = text; }
 
-function showBanner(text) {
+// kind "note" (a fallback or an unknown avatar) stays up after a good render; errors are cleared by one.
+function showBanner(text, kind = "") {
   const b = $("banner");
   b.textContent = text;
   b.hidden = !text;
+  b.dataset.kind = text ? kind : "";
+}
+
+function clearErrorBanner() {
+  if ($("banner").dataset.kind !== "note") showBanner("");
 }
 
 async function errorMessage(resp) {
@@ -39,24 +72,28 @@ async function errorMessage(resp) {
 
 function readUrl() {
   const q = new URLSearchParams(location.search);
-  const out = { avatar: q.get("avatar"), attributes: {}, expression: {}, yaw: null, pitch: null };
+  const out = { avatar: q.get("avatar"), attributes: {}, expression: {}, yaw: null, pitch: null, zoom: null,
+    mode: q.get("render") };
   for (const [k, v] of q) {
     if (k.startsWith("a.")) out.attributes[k.slice(2)] = Number(v);
     else if (k.startsWith("e.")) out.expression[k.slice(2)] = Number(v);
   }
-  if (q.has("yaw")) out.yaw = Number(q.get("yaw"));
-  if (q.has("pitch")) out.pitch = Number(q.get("pitch"));
+  for (const k of ["yaw", "pitch", "zoom"]) if (q.has(k)) out[k] = Number(q.get(k));
   return out;
 }
 
 function writeUrl() {
+  const old = new URLSearchParams(location.search);
   const q = new URLSearchParams();
+  if (old.has("token")) q.set("token", old.get("token"));
   if (state.avatar) q.set("avatar", state.avatar.id);
+  q.set("render", state.mode);
   for (const [k, v] of Object.entries(state.attributes)) q.set(`a.${k}`, String(v));
   for (const [k, v] of Object.entries(state.expression)) q.set(`e.${k}`, String(v));
   q.set("yaw", String(state.yaw));
   q.set("pitch", String(state.pitch));
-  history.replaceState(null, "", `${location.pathname}?${q}`);
+  if (state.zoom !== 1) q.set("zoom", String(state.zoom));
+  history.replaceState(null, "", `${location.pathname}?${q}${location.hash}`);
 }
 
 // ---------------------------------------------------------------- controls
@@ -108,19 +145,20 @@ function buildControls(avatar, fromUrl) {
     const value = fromUrl.attributes[name] ?? 0;
     state.attributes[name] = value;
     slider(attrs, name, { min: 0, max: labels.length - 1, step: 0.05, value, ticks: labels,
-      onInput: (v) => { state.attributes[name] = v; scheduleRender(); } });
+      onInput: (v) => { state.attributes[name] = v; changed(); } });
   }
   for (const name of avatar.expressions || []) {
     const value = fromUrl.expression[name] ?? 0;
     state.expression[name] = value;
     slider(exprs, name, { min: 0, max: 1, step: 0.05, value,
-      onInput: (v) => { state.expression[name] = v; scheduleRender(); } });
+      onInput: (v) => { state.expression[name] = v; changed(); } });
   }
   state.yaw = fromUrl.yaw ?? 0;
   state.pitch = fromUrl.pitch ?? 0;
+  state.zoom = Math.min(ZOOM.max, Math.max(ZOOM.min, fromUrl.zoom ?? 1));
   for (const axis of ["yaw", "pitch"]) {
     slider(cam, axis, { ...CAMERA[axis], value: state[axis],
-      onInput: (v) => { state[axis] = v; scheduleRender(); } });
+      onInput: (v) => { state[axis] = v; changed(); } });
   }
   const strip = $("strip-attribute");
   strip.replaceChildren(...names.map((n) => new Option(n, n)));
@@ -137,7 +175,25 @@ function syncCameraSliders() {
   }
 }
 
-// ---------------------------------------------------------------- rendering
+/** The same checks the server makes (LatentLayout.check_values), so both modes refuse alike. */
+function checkValues(avatar) {
+  for (const [name, s] of Object.entries(state.attributes)) {
+    const top = avatar.attributes[name].length - 1;
+    if (!(s >= 0 && s <= top)) return `attributes.${name}: slider ${s} outside [0, ${top}]`;
+  }
+  for (const [name, v] of Object.entries(state.expression)) {
+    if (!(v >= -1 && v <= 2)) return `expression.${name}: value ${v} outside [-1, 2]`;
+  }
+  return null;
+}
+
+function changed() {
+  writeUrl();
+  if (state.mode === "client") scheduleClientFrame();
+  else scheduleRender();
+}
+
+// ---------------------------------------------------------------- server rendering
 
 function body(size, overrides = {}) {
   return JSON.stringify({
@@ -149,18 +205,13 @@ function body(size, overrides = {}) {
   });
 }
 
-async function post(path, payload, signal) {
-  return fetch(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: payload, signal });
-}
-
 function scheduleRender() {
-  writeUrl();
   clearTimeout(debounceTimer);
   debounceTimer = setTimeout(render, DEBOUNCE_MS);
 }
 
 async function render() {
-  if (!state.avatar) return;
+  if (!state.avatar || state.mode !== "server") return;
   const seq = ++requestSeq;
   if (inflight) inflight.abort();
   inflight = new AbortController();
@@ -181,10 +232,10 @@ async function render() {
     if (lastGoodUrl) URL.revokeObjectURL(lastGoodUrl);
     lastGoodUrl = url;
     const ms = performance.now() - t0;
-    $("latency").textContent = `${ms.toFixed(0)} ms`;
+    $("latency").textContent = `${ms.toFixed(0)} ms (server)`;
     $("view").dataset.latencyMs = ms.toFixed(1);
     $("view").dataset.seq = String(seq);
-    showBanner("");
+    clearErrorBanner();
   } catch (err) {
     if (err.name === "AbortError") return;
     showBanner(`Server unreachable: ${err.message}`);
@@ -193,9 +244,147 @@ async function render() {
   }
 }
 
+// ---------------------------------------------------------------- client rendering
+
+async function loadClient(avatar) {
+  const key = `${avatar.id}@${avatar.version}`;
+  if (client.key === key && (client.decoder || client.loading)) return client.loading;
+  disposeClient();
+  client.key = key;
+  client.loading = (async () => {
+    const { SplatView, hasWebGL2 } = await import("./splat_view.js");
+    if (!hasWebGL2()) throw new Error("this browser gives no WebGL2 context");
+    const t0 = performance.now();
+    // A pinned version is immutable: the browser caches it (no request at all on reload).
+    const resp = await api(`/v1/avatars/${encodeURIComponent(avatar.id)}@${encodeURIComponent(avatar.version)}/bundle`);
+    if (!resp.ok) throw new Error(`bundle: ${await errorMessage(resp)}`);
+    const declared = Number(resp.headers.get("content-length") || 0);
+    if (declared > MAX_BUNDLE_BYTES) throw new BundleError(`bundle of ${declared} bytes exceeds the cap of ${MAX_BUNDLE_BYTES} bytes`);
+    const buffer = await resp.arrayBuffer();
+    const bundle = parseBundle(buffer);
+    const decoder = new Decoder(bundle);
+    if (client.key !== key) return;
+    client.bundleMs = performance.now() - t0;
+    client.bundleBytes = buffer.byteLength;
+    client.bundle = bundle;
+    client.decoder = decoder;
+    client.view = new SplatView($("gl"), bundle.header.num_gaussians,
+      { fovDeg: bundle.header.camera.fov_deg, size: RENDER_SIZE });
+    drawBackdrop(bundle);
+    client.error = null;
+  })();
+  try {
+    await client.loading;
+  } catch (err) {
+    if (client.key === key) {
+      client.error = err.message;
+      disposeClient(true);
+    }
+    throw err;
+  } finally {
+    client.loading = null;
+  }
+}
+
+function disposeClient(keepKey = false) {
+  if (client.view) client.view.dispose();
+  Object.assign(client, { bundle: null, decoder: null, view: null, shown: null });
+  if (!keepKey) client.key = null;
+}
+
+function drawBackdrop(bundle) {
+  // The learned camera-fixed backdrop, bilinearly stretched under the splats as the server does.
+  const c = $("backdrop"), arr = bundle.arrays.backdrop;
+  const ctx = c.getContext("2d");
+  if (!arr) {
+    const [r, g, b] = bundle.header.background.map((v) => Math.round(255 * v));
+    c.width = c.height = 1;
+    ctx.fillStyle = `rgb(${r},${g},${b})`;
+    ctx.fillRect(0, 0, 1, 1);
+    return;
+  }
+  const res = Math.round(Math.sqrt(arr.length / 3));
+  c.width = c.height = res;
+  const img = ctx.createImageData(res, res);
+  for (let i = 0; i < res * res; i++) {
+    for (let ch = 0; ch < 3; ch++) img.data[4 * i + ch] = Math.round(255 / (1 + Math.exp(-arr[ch * res * res + i])));
+    img.data[4 * i + 3] = 255;
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+function scheduleClientFrame() {
+  if (!client.frameReq) client.frameReq = requestAnimationFrame(clientFrame);
+}
+
+function clientFrame() {
+  client.frameReq = 0;
+  if (state.mode !== "client" || !client.decoder || !state.avatar) return;
+  const problem = checkValues(state.avatar);
+  if (problem) { showBanner(`Render failed: ${problem}`); return; }
+  const t0 = performance.now();
+  const z = composeLatent(client.bundle, state.attributes, state.expression);
+  const ran = client.decoder.setLatent(z);
+  if (ran || !client.shown) {
+    const g = client.decoder.compose();
+    const ms = performance.now() - t0;
+    if (client.shown) client.decodeMs.push(ms); // the first full decode is load time, not a slider change
+    client.view.update(g);
+    client.shown = { attributes: { ...state.attributes }, expression: { ...state.expression } };
+    $("latency").textContent = `decode ${ms.toFixed(1)} ms (browser, ${ran} branch${ran === 1 ? "" : "es"})`;
+  }
+  client.view.setCamera(state.yaw, state.pitch, client.bundle.header.camera.distance / state.zoom);
+  clearErrorBanner();
+}
+
+// ---------------------------------------------------------------- mode switch
+
+async function setMode(mode, { quiet = false } = {}) {
+  state.mode = mode;
+  $("client-mode").checked = mode === "client";
+  $("view").hidden = mode !== "server";
+  $("client-stage").hidden = mode !== "client";
+  document.body.dataset.mode = mode;
+  writeUrl();
+  if (mode === "server") {
+    scheduleRender();
+    return;
+  }
+  try {
+    setStatus(`${state.avatar.id} (${state.avatar.version}) — loading bundle…`);
+    await loadClient(state.avatar);
+    setStatus(`${state.avatar.id} (${state.avatar.version})`);
+    scheduleClientFrame();
+  } catch (err) {
+    setStatus(`${state.avatar.id} (${state.avatar.version})`);
+    // Fall back to the server: the page stays usable.
+    await setMode("server");
+    showBanner(`Browser rendering unavailable (${err.message}); rendering on the server.`, "note");
+    if (!quiet) console.warn(err);
+  }
+}
+
+// ---------------------------------------------------------------- downloads and strip
+
 async function download(kind) {
   if (!state.avatar) return;
   const id = state.avatar.id;
+  if (state.mode === "client" && client.decoder) {
+    if (kind === "ply") {
+      // Exactly what is on screen: the Gaussians this page decoded.
+      const url = URL.createObjectURL(new Blob([plyBytes(client.decoder.gaussians)], { type: "application/octet-stream" }));
+      save(url, `${id}.ply`);
+      setTimeout(() => URL.revokeObjectURL(url), 10000);
+    } else {
+      const c = document.createElement("canvas");
+      c.width = c.height = RENDER_SIZE;
+      const ctx = c.getContext("2d");
+      ctx.drawImage($("backdrop"), 0, 0, RENDER_SIZE, RENDER_SIZE);
+      ctx.drawImage($("gl"), 0, 0, RENDER_SIZE, RENDER_SIZE);
+      save(c.toDataURL("image/png"), `${id}.png`);
+    }
+    return;
+  }
   if (kind === "png") {
     if (!lastGoodUrl) return;
     save(lastGoodUrl, `${id}.png`);
@@ -246,7 +435,7 @@ async function renderStrip() {
   }
 }
 
-// ---------------------------------------------------------------- drag to turn
+// ---------------------------------------------------------------- drag to turn, wheel to zoom
 
 function enableDrag() {
   const frame = $("frame");
@@ -259,35 +448,67 @@ function enableDrag() {
   frame.addEventListener("pointermove", (e) => {
     if (!start) return;
     const clamp = (v, { min, max }) => Math.max(min, Math.min(max, v));
-    state.yaw = Math.round(clamp(start.yaw + (e.clientX - start.x) * 0.25, CAMERA.yaw));
-    state.pitch = Math.round(clamp(start.pitch + (e.clientY - start.y) * 0.25, CAMERA.pitch));
+    const round = state.mode === "client" ? (v) => v : Math.round; // the browser needs no coarse steps
+    state.yaw = round(clamp(start.yaw + (e.clientX - start.x) * 0.25, CAMERA.yaw));
+    state.pitch = round(clamp(start.pitch + (e.clientY - start.y) * 0.25, CAMERA.pitch));
     syncCameraSliders();
-    scheduleRender();
+    changed();
   });
   const end = () => { start = null; frame.classList.remove("dragging"); };
   frame.addEventListener("pointerup", end);
   frame.addEventListener("pointercancel", end);
+  frame.addEventListener("wheel", (e) => {
+    if (state.mode !== "client") return; // the server renders at the avatar's fixed distance
+    e.preventDefault();
+    state.zoom = Math.min(ZOOM.max, Math.max(ZOOM.min, state.zoom * Math.exp(-e.deltaY * 0.001)));
+    changed();
+  }, { passive: false });
 }
 
 // ---------------------------------------------------------------- start
 
-function selectAvatar(id, fromUrl) {
+async function selectAvatar(id, fromUrl) {
   state.avatar = state.avatars.find((a) => a.id === id) || null;
   if (!state.avatar) return;
   buildControls(state.avatar, fromUrl);
   setStatus(`${state.avatar.id} (${state.avatar.version})`);
-  scheduleRender();
+  await setMode(state.mode);
+  if (state.mode === "server") {
+    const problem = checkValues(state.avatar);
+    if (problem) showBanner(`Render failed: ${problem}`);
+  }
 }
+
+// For tests and benchmarks: read back what the page decoded and how fast.
+window.perseViewer = {
+  state,
+  get mode() { return state.mode; },
+  get ready() { return state.mode === "client" ? !!(client.decoder && client.shown) : !!$("view").dataset.seq; },
+  get clientError() { return client.error; },
+  get frames() { return client.view ? client.view.frames : 0; },
+  get branchDecodes() { return client.decoder ? client.decoder.decodes : 0; },
+  get decodeMs() { return client.decodeMs.slice(); },
+  get bundle() { return { bytes: client.bundleBytes, ms: client.bundleMs, key: client.key }; },
+  /** The Gaussians on screen, as plain arrays (with the state they were decoded for). */
+  shown() {
+    if (!client.decoder || !client.shown) return null;
+    const g = client.decoder.gaussians;
+    return { ...client.shown, ...Object.fromEntries(Object.entries(g).map(([k, v]) => [k, Array.from(v)])) };
+  },
+  setMode,
+};
 
 async function start() {
   enableDrag();
   $("download-png").addEventListener("click", () => download("png"));
   $("download-ply").addEventListener("click", () => download("ply"));
   $("strip-go").addEventListener("click", renderStrip);
+  $("client-mode").addEventListener("change", (e) => setMode(e.target.checked ? "client" : "server"));
   const fromUrl = readUrl();
+  state.mode = fromUrl.mode === "server" || fromUrl.mode === "client" ? fromUrl.mode : "client";
   let resp;
   try {
-    resp = await fetch("/v1/avatars");
+    resp = await api("/v1/avatars");
   } catch (err) {
     setStatus("offline");
     showBanner(`Server unreachable: ${err.message}`);
@@ -305,12 +526,18 @@ async function start() {
     setStatus("no avatars in the registry");
     return;
   }
-  const initial = state.avatars.some((a) => a.id === fromUrl.avatar) ? fromUrl.avatar : state.avatars[0].id;
+  const known = state.avatars.some((a) => a.id === fromUrl.avatar);
+  const initial = known ? fromUrl.avatar : state.avatars[0].id;
   select.value = initial;
   // A newly picked avatar starts at its source latent, front view.
   select.addEventListener("change", () =>
     selectAvatar(select.value, { attributes: {}, expression: {}, yaw: null, pitch: null }));
-  selectAvatar(initial, fromUrl);
+  if (fromUrl.avatar && !known) {
+    await selectAvatar(initial, { attributes: {}, expression: {}, yaw: null, pitch: null });
+    showBanner(`No avatar ${JSON.stringify(fromUrl.avatar)} here; showing ${initial}.`, "note");
+    return;
+  }
+  await selectAvatar(initial, fromUrl);
 }
 
 start();
