@@ -6,8 +6,9 @@ tint) — and three expression knobs — jaw_open (the jaw, chin, lower lip and 
 hinge; the mouth interior shows), smile (mouth corners move up and out), brow_raise (brows move
 up). It contains a shaded skin ellipsoid, neck, ears, nose, eyes with pupils, brows, lips and a
 hair cap, about 3,400 Gaussians. Rendered through the same cameras and motion script as the 2D
-pipeline, it yields ``frames``-schema rows, and exact renders at any held-out camera, expression
-or attribute value.
+pipeline (by ``perse_ray.bench.ground_truth``), it yields ``frames``-schema rows, and exact renders at
+any held-out camera, expression or attribute value. ``perse_ray.bench.mesh_head`` is the second
+ground truth, made of textured triangles, with the same attributes, keys and expression knobs.
 
 Attribute values use the avatar's slider space: value v ∈ [0, K−1] for K edits (0 = source);
 each attribute's physical parameters are piecewise-linear in v through per-edit key values, so
@@ -50,6 +51,16 @@ def _quat_from_z(normals: np.ndarray) -> np.ndarray:
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
+def _rasterize(g: dict[str, torch.Tensor], camera: dict, size: int, background=(1.0, 1.0, 1.0)):
+    from perse_ray.render import rasterize
+
+    view = torch.tensor(camera["viewmat"]).reshape(1, 4, 4)
+    K = torch.tensor(camera["K"]).reshape(1, 3, 3)
+    rgb, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], view, K, size, size,
+                              backgrounds=torch.tensor([background], dtype=torch.float32))
+    return rgb[0].clamp(0, 1).numpy(), alpha[0, ..., 0].numpy()
+
+
 @dataclass
 class _Part:
     means: np.ndarray
@@ -60,7 +71,12 @@ class _Part:
 
 
 class ProceduralHead:
-    """Build once (seeded), then ``gaussians(attributes, expression)`` for any values."""
+    """Build once (seeded), then ``gaussians(attributes, expression)`` or ``render(...)`` for any values."""
+
+    name = "gaussian"
+    attributes = ATTRIBUTES
+    expressions = EXPRESSIONS
+    keys = {"hair": HAIR_COLORS, "beard": BEARD_DENSITY, "glasses": GLASSES_KEYS}
 
     def __init__(self, seed: int = 0):
         rng = np.random.default_rng(seed)
@@ -181,6 +197,30 @@ class ProceduralHead:
         if attribute not in tags:
             raise ValueError(f"the procedural head models attributes {list(tags)}; got {attribute!r}")
         return np.isin(self.tags, tags[attribute])
+
+    def num_levels(self, attribute: str) -> int:
+        """How many slider levels (key values) the head models for an attribute."""
+        self.region(attribute)
+        return len(self.keys[attribute])
+
+    def render(self, values: dict[str, float] | None = None, expression: dict[str, float] | None = None,
+               camera: dict | None = None, size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+        """(rgb [H, W, 3] over a white background, alpha [H, W]) for a ``camera_record`` at ``size``."""
+        if camera is None:
+            raise ValueError("render needs a camera (perse_ray.camera.camera_record)")
+        return _rasterize(self.gaussians(values, expression), camera, size)
+
+    def region_mask(self, attribute: str, expression: dict[str, float] | None, camera: dict, size: int,
+                    dilate: int = 2) -> np.ndarray:
+        """[H, W] float mask of the pixels an attribute can cover (its Gaussians made opaque), dilated."""
+        g = self.gaussians({}, expression)
+        inside = torch.from_numpy(self.region(attribute))
+        g["opacities"] = torch.where(inside, torch.tensor(0.95), torch.tensor(0.0))
+        _, alpha = _rasterize(g, camera, size)
+        mask = torch.from_numpy((alpha > 0.05).astype(np.float32))[None, None]
+        if dilate:
+            mask = torch.nn.functional.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate)
+        return mask[0, 0].numpy()
 
     def gaussians(self, attributes: dict[str, float] | None = None, expression: dict[str, float] | None = None,
                   ) -> dict[str, torch.Tensor]:
