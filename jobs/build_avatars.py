@@ -26,8 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobs.common import (  # noqa: E402
-    EXIT_CODES, add_config_arguments, add_training_arguments, connect_ray, exit_code, fail, training_options,
-    training_table)
+    EXIT_CODES, add_config_arguments, add_training_arguments, apply_deletion_records, connect_ray,
+    delete_late_traces, exit_code, fail, training_options, training_table)
 from perse_ray.config import ConfigError, load_config  # noqa: E402
 from perse_ray.models import ModelNotFoundError  # noqa: E402
 from perse_ray.pipeline import local_num_cpus, resolve_models  # noqa: E402
@@ -42,6 +42,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="folder of portraits (files and/or one folder per subject)")
     p.add_argument("--output", required=True, help="output folder (created; use absolute paths on a cluster)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="build again the portraits that jobs/delete_subject.py deleted (by default a re-run "
+                        "skips every portrait recorded in <output>/deletions.json)")
     p.add_argument("--no-evaluation", action="store_true",
                    help="stop after training: no evaluation figures and no HTML report (large builds)")
     add_training_arguments(p)
@@ -51,11 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    started = time.time()
     try:
         cfg = load_config(args.preset, args.set)
         output = Path(args.output).expanduser().resolve()
         synth_dir = check_output_dir(output / "synth", args.input)
         discovery = discover_subjects(args.input)
+        apply_deletion_records(discovery, output, args.rebuild, log=lambda line: print(line, flush=True))
         resolve_models(cfg)
         check_workers(cfg, args.workers_per_subject)
     except (ConfigError, InputError, OutputError, ModelNotFoundError, ValueError) as e:
@@ -99,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serve it: PERSE_REGISTRY={output / 'avatars'} serve run serve/config.yaml")
     code = exit_code(results, summary["failed"])
     write_build_summary(output, code, seconds, summary, results)
+    delete_late_traces(output, started, log=lambda line: print(line, flush=True))
     return code
 
 

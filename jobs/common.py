@@ -146,3 +146,41 @@ def exit_code(training_results=(), synthesis_failed: dict[str, str] | None = Non
     for sid, reason in sorted(failures.items()):
         print(f"failed: {sid}: {reason}", file=sys.stderr)
     return SUBJECTS_FAILED if failures else 0
+
+
+def apply_deletion_records(discovery, output, rebuild: bool, log=print) -> list[str]:
+    """Leave out the portraits a delete recorded (<output>/deletions.json, by content hash) so a
+    re-run never quietly rebuilds a deleted person; with ``rebuild`` forget their records instead
+    and build them. Returns the subject ids left out (or, with ``rebuild``, brought back)."""
+    from perse_ray.deletion import deletion_records, forget_deletions
+
+    records = deletion_records(output)
+    if not records:
+        return []
+    hits = [c for c in discovery.candidates if c.content_sha256 in records]
+    hits_q = [r for r in discovery.quarantined if r.get("content_sha256") in records]
+    ids = [c.subject_id for c in hits] + [r["subject_id"] for r in hits_q]
+    if rebuild:
+        forget_deletions(output, [c.content_sha256 for c in hits] + [r["content_sha256"] for r in hits_q])
+        for sid in ids:
+            log(f"[rebuild] {sid}: deleted before, built again (--rebuild)")
+        return ids
+    discovery.candidates[:] = [c for c in discovery.candidates if c.content_sha256 not in records]
+    discovery.quarantined[:] = [r for r in discovery.quarantined if r.get("content_sha256") not in records]
+    for sid in ids:
+        log(f"[deleted] {sid}: its portrait was deleted on request: skipped (--rebuild builds it again)")
+    return ids
+
+
+def delete_late_traces(output, since: float, log=print) -> list[str]:
+    """Subjects deleted while this build ran may have been written again by its later stages
+    (training results, evaluation, the report): delete them once more (idempotent)."""
+    from perse_ray.deletion import delete_subject, deletion_records
+
+    late = sorted({r["subject_id"] for r in deletion_records(output).values()
+                   if r.get("deleted_at_s", 0) >= since and r.get("subject_id")})
+    for sid in late:
+        report = delete_subject(output, sid, "build_avatars (deleted during the build)", log=log)
+        if report.found_anything:
+            log(f"[deleted] {sid}: deleted during this build: its late traces removed")
+    return late
