@@ -47,12 +47,14 @@ _frame_item = pa.struct([
     ("image_png", pa.binary()),
     ("mask_png", pa.binary()),
     ("landmarks", pa.list_(pa.list_(pa.float32(), 2))),
+    ("also_edits", FRAMES.field("also_edits").type),
 ])
 _edit_item = pa.struct([
     ("attribute", pa.string()),
     ("edit_index", pa.int16()),
     ("image_png", pa.binary()),
     ("mask_png", pa.binary()),
+    ("also_edits", FRAMES.field("also_edits").type),
 ])
 
 # Union of the subjects and frames columns (all nullable here) plus the stages' working columns.
@@ -109,8 +111,10 @@ def resolve_models(cfg: Config) -> Config:
 
 
 def frames_per_subject(cfg: Config) -> int:
+    from perse_ray.synth.edit import combined_levels
+
     edits = sum(len(a.edits) for a in cfg.synth.attributes)
-    return cfg.synth.motion.num_frames * (1 + edits + edits * len(cfg.synth.morph_alphas))
+    return cfg.synth.motion.num_frames * (1 + edits + edits * len(cfg.synth.morph_alphas)) + len(combined_levels(cfg))
 
 
 # --------------------------------------------------------------------------- stages
@@ -167,8 +171,13 @@ def _edits_from_row(row: dict):
     from perse_ray.synth.edit import Edit
 
     return [Edit(e["attribute"], e["edit_index"], decode_png(e["image_png"]),
-                 decode_mask_png(e["mask_png"]) if e["mask_png"] is not None else None)
+                 decode_mask_png(e["mask_png"]) if e["mask_png"] is not None else None, _levels(e["also_edits"]))
             for e in row["edits"]]
+
+
+def _levels(also_edits) -> dict[str, int] | None:
+    """A map column's value (a dict, or Arrow's list of pairs) → {attribute: level}."""
+    return None if also_edits is None else {k: int(v) for k, v in dict(also_edits).items()}
 
 
 class EditStage(_Stage):
@@ -188,7 +197,8 @@ class EditStage(_Stage):
         landmarks = np.asarray(row["landmarks"], np.float32)
         edits = edit_subject(row["subject_id"], portrait, landmarks, self.editor, self.cfg)
         items = [{"attribute": e.attribute, "edit_index": e.edit_index, "image_png": encode_png(e.image),
-                  "mask_png": encode_png(e.mask) if e.mask is not None else None} for e in edits]
+                  "mask_png": encode_png(e.mask) if e.mask is not None else None,
+                  "also_edits": e.also_edits} for e in edits]
         return [row, {"kind": "edits", "subject_id": row["subject_id"], "portrait_png": row["portrait_png"],
                       "landmarks": row["landmarks"], "identity": row["identity"], "edits": items}]
 
@@ -199,7 +209,7 @@ def _frame_item_dict(f) -> dict:
             dict(zip(("from_edit", "to_edit", "alpha"), f.interpolation)),
             "image_png": encode_png(f.image),
             "mask_png": encode_png(f.mask) if f.mask is not None else None,
-            "landmarks": np.asarray(f.landmarks, np.float32).tolist()}
+            "landmarks": np.asarray(f.landmarks, np.float32).tolist(), "also_edits": f.also_edits}
 
 
 def _frames_from_bundle(row: dict):
@@ -209,7 +219,8 @@ def _frames_from_bundle(row: dict):
                   np.asarray(f["landmarks"], np.float32),
                   decode_mask_png(f["mask_png"]) if f["mask_png"] is not None else None,
                   None if f["interpolation"] is None else
-                  (f["interpolation"]["from_edit"], f["interpolation"]["to_edit"], f["interpolation"]["alpha"]))
+                  (f["interpolation"]["from_edit"], f["interpolation"]["to_edit"], f["interpolation"]["alpha"]),
+                  _levels(f["also_edits"]))
             for f in row["bundle"]]
 
 
@@ -277,6 +288,7 @@ class IdFilterStage(_Stage):
                         "frame_index": frame.index, "camera": camera, "expression": frame.expression,
                         "image_png": item["image_png"], "mask_png": item["mask_png"],
                         "id_score": v.id_score, "kept": v.kept, "drop_reason": v.drop_reason,
+                        "also_edits": _levels(item["also_edits"]),
                         "id_source": v.source})
         return out
 

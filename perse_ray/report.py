@@ -55,7 +55,8 @@ def contact_sheet(frames: list[dict]) -> np.ndarray:
     """Rows = source, each edit and each morph; columns = motion-script frames; border = kept."""
     def row_key(r):
         interp = r.get("interpolation")
-        return (r["attribute"], r["edit_index"], (interp or {}).get("alpha", -1.0))
+        return (r["attribute"], r["edit_index"], (interp or {}).get("alpha", -1.0),
+                tuple(sorted((r.get("also_edits") or {}).items())))
 
     rows = sorted({row_key(r) for r in frames})
     cols = sorted({r["frame_index"] for r in frames})
@@ -71,8 +72,9 @@ def contact_sheet(frames: list[dict]) -> np.ndarray:
         sheet.paste(thumb, (ox + 2, oy + 2))
         score = r.get("id_score")
         draw.text((ox + 2, oy + THUMB + 3), "-" if score is None else f"{score:.2f}", fill=(60, 60, 60))
-    for i, (attr, edit, alpha) in enumerate(rows):
+    for i, (attr, edit, alpha, also) in enumerate(rows):
         label = "source" if not attr else f"{attr} {edit}" + (f" a={alpha:.2f}" if alpha >= 0 else "")  # ASCII: PIL default font
+        label += "".join(f"+{a[:5]} {int(k)}" for a, k in also)
         draw.text((4, i * cell + THUMB // 2), label, fill=(0, 0, 0))
     return np.asarray(sheet)
 

@@ -13,7 +13,7 @@ import numpy as np
 from perse_ray.camera import camera_record
 from perse_ray.config import Config
 from perse_ray.synth.backends import Animator
-from perse_ray.synth.edit import Edit, check_image, check_mask
+from perse_ray.synth.edit import Edit, check_image, check_mask, combined_levels, edit_levels_of
 from perse_ray.synth.ingest import stage_seed
 from perse_ray.synth.motion import MotionFrame
 
@@ -26,13 +26,17 @@ class Frame:
     landmarks: np.ndarray  # [68, 2] where the face is in this frame
     mask: np.ndarray | None  # edit region carried into the frame; None for source frames
     interpolation: tuple[int, int, float] | None = None  # (from_edit, to_edit, alpha) for morphs
+    also_edits: dict[str, int] | None = None  # a composed edit's other attributes (see synth/edit.py)
 
 
 def animate_frame(subject_id: str, edits: list[Edit], landmarks: np.ndarray, frame: MotionFrame,
                   animator: Animator, cfg: Config) -> list[Frame]:
     seed = stage_seed(cfg.synth.seed, subject_id, "animate", frame.index)
+    combined_here = dict(combined_levels(cfg)).get(frame.index)
     frames = []
     for e in edits:
+        if e.also_edits is not None and edit_levels_of(e) != combined_here:
+            continue  # a composed edit is animated only at its own frame of the script
         who = f"{type(animator).__name__} ({e.attribute or 'source'} edit {e.edit_index}, frame {frame.index})"
         image, moved, _valid, mask = animator.animate(e.image, landmarks, frame, seed, mask=e.mask)
         image = check_image(image, e.image.shape, who)
@@ -41,7 +45,7 @@ def animate_frame(subject_id: str, edits: list[Edit], landmarks: np.ndarray, fra
                 raise ValueError(f"{who} dropped the edit mask")
             mask = check_mask(mask, e.image.shape, who)
         frames.append(Frame(e.attribute, e.edit_index, image, np.asarray(moved, np.float32),
-                            mask if e.mask is not None else None))
+                            mask if e.mask is not None else None, also_edits=e.also_edits))
     return frames
 
 

@@ -30,7 +30,7 @@ def morph_pairs(cfg: Config) -> list[tuple[str, int, int, EditSpec | None, EditS
 def morph_frame(subject_id: str, source: np.ndarray, landmarks: np.ndarray, animated: list[Frame],
                 frame: MotionFrame, morpher: Morpher, cfg: Config) -> list[Frame]:
     """Morph frames at ``frame`` from the animated frames of every edit at the same frame."""
-    by_level = {(f.attribute, f.edit_index): f for f in animated}
+    by_level = {(f.attribute, f.edit_index): f for f in animated if f.also_edits is None}
     out = []
     for attribute, k0, k1, spec0, spec1 in morph_pairs(cfg):
         f0 = by_level[("", 0) if k0 == 0 else (attribute, k0)]
