@@ -22,7 +22,7 @@ from perse_ray.avatar.io import Avatar
 
 THUMB = 64
 STRIP_SIZE = 128
-TURNTABLE_YAWS = (-30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0)
+TURNTABLE_YAWS = (-40.0, -30.0, -20.0, -10.0, 0.0, 10.0, 20.0, 30.0, 40.0)
 STRIP_STEPS = 7
 
 
