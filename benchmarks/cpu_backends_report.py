@@ -106,7 +106,7 @@ def report_subject(name: str, image: np.ndarray, cfg, face_model, output: Path, 
 
     from perse_ray.faces import align, embed_frame
     from perse_ray.synth.classical import ClassicalAnimator, ClassicalEditor, ExactMorpher
-    from perse_ray.synth.classical.animator import move_landmarks
+    from perse_ray.geometry import move_landmarks
     from perse_ray.synth.motion import motion_script
 
     faces = face_model.detect(image)

@@ -11,8 +11,17 @@ Intrinsics are pinhole with square pixels and the principal point at the image c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Camera:
+    """The pinhole/orbit camera the frames are rendered for (``RenderConfig`` fov and distance)."""
+
+    fov_deg: float = 30.0
+    distance: float = 1.0
 
 
 def intrinsics(width: int, height: int, fov_deg: float) -> np.ndarray:

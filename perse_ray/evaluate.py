@@ -73,7 +73,8 @@ def evaluate_avatar(avatar: Avatar, *, face_model=None, source_embedding: np.nda
     ``source_landmarks``, aligned-portrait pixels at ``size``, when the detector misses); leakage
     needs ``masks`` (attribute → bool [size, size], e.g. from ``attribute_masks``)."""
     from perse_ray.faces import embed_frame
-    from perse_ray.synth.classical.animator import Camera, move_landmarks
+    from perse_ray.camera import Camera
+    from perse_ray.geometry import move_landmarks
     from perse_ray.synth.motion import MotionFrame
 
     out: dict[str, float] = {}

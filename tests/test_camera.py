@@ -122,7 +122,8 @@ def test_animator_landmarks_land_where_the_renderer_draws_them(astronaut_landmar
     at integers); the renderer the avatar learns with puts them at +0.5. A landmark the animator
     moves must land where the renderer draws the 3D point the animator put it at, or every frame is
     shifted against the avatar's renders."""
-    from perse_ray.synth.classical.animator import Camera, landmarks_in_world, move_landmarks
+    from perse_ray.camera import Camera
+    from perse_ray.geometry import landmarks_in_world, move_landmarks
     from perse_ray.synth.motion import MotionFrame
 
     from perse_ray.config import RenderConfig
@@ -140,3 +141,29 @@ def test_animator_landmarks_land_where_the_renderer_draws_them(astronaut_landmar
             np.testing.assert_allclose(moved, lm, atol=1e-3)  # the front view keeps the portrait's own
         worst = max(worst, float(np.abs(moved - drawn).max()))
     assert worst < 0.1, f"animator and renderer disagree by {worst:.3f} px"
+
+
+def test_head_geometry_needs_no_synthesis_backend(astronaut_landmarks):
+    """The evaluation and the gpu path move landmarks with ``perse_ray.geometry``; it must not pull
+    in a cpu synthesis backend, and its mirror map must pair the two halves of the face."""
+    import subprocess
+    import sys
+
+    code = ("import sys, perse_ray.geometry, perse_ray.evaluate; "
+            "print(sorted(m for m in sys.modules if m.startswith('perse_ray.synth.classical')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+    from perse_ray.geometry import MIRROR, FaceFrame, move_landmarks
+    from perse_ray.synth.motion import MotionFrame
+
+    assert np.array_equal(MIRROR[MIRROR], np.arange(68))  # an involution
+    assert set(np.flatnonzero(MIRROR == np.arange(68))) == {8, 27, 28, 29, 30, 33, 51, 57, 62, 66}
+    lm = astronaut_landmarks
+    face = FaceFrame.from_landmarks(lm).to_face(lm)
+    # The portrait's face is near symmetric: each landmark's mirror sits at its mirrored position.
+    assert np.abs(face[MIRROR] * [-1, 1] - face).max() < 0.35
+    # A turn moves each half as its mirror image moves for the opposite turn.
+    right = FaceFrame.from_landmarks(lm).to_face(move_landmarks(lm, MotionFrame(1, 30.0, 0.0), PORTRAIT_SIZE))
+    left = FaceFrame.from_landmarks(lm).to_face(move_landmarks(lm, MotionFrame(2, -30.0, 0.0), PORTRAIT_SIZE))
+    assert np.abs((right - face) * [-1, 1] - (left - face)[MIRROR]).max() < 0.35

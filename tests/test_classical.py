@@ -11,7 +11,9 @@ import pytest
 from perse_ray.config import EditSpec, FacesConfig, load_config
 from perse_ray.faces import align, load_face_model
 from perse_ray.synth.classical import ClassicalAnimator, ClassicalEditor, ExactMorpher
-from perse_ray.synth.classical.animator import animate, move_landmarks
+from perse_ray.geometry import move_landmarks
+from perse_ray.synth.classical import animator as animator_module
+from perse_ray.synth.classical.animator import animate, apply_warp, build_mesh, frame_warp
 from perse_ray.synth.classical.edits import EDITS, lerp_params
 from perse_ray.synth.classical.regions import FaceFrame
 from perse_ray.synth.motion import MotionFrame
@@ -251,3 +253,85 @@ def test_exact_morph_meets_its_endpoints(astronaut, cfg):
         d_to = np.abs(mid.astype(float) - ends[i + 1][0]).mean()
         d_ends = np.abs(ends[i][0].astype(float) - ends[i + 1][0]).mean()
         assert 0 < d_from < d_ends and 0 < d_to < d_ends
+
+
+# --------------------------------------------------------------------------- caches and completion
+
+
+def test_cached_warps_and_edits_equal_the_uncached_functions(astronaut, cfg, monkeypatch):
+    image, lm = astronaut
+    built = []
+    real_build = animator_module.build_mesh
+
+    def counting_build(*a, **kw):
+        built.append(1)
+        return real_build(*a, **kw)
+
+    import perse_ray.synth.classical as classical
+
+    monkeypatch.setattr(classical, "build_mesh", counting_build)
+    animator, morpher, editor = ClassicalAnimator(cfg), ExactMorpher(cfg), ClassicalEditor(cfg)
+    frames = [MotionFrame(1, 40.0, -15.0, {"smile": 0.6}), MotionFrame(2, -45.0, 20.0, {"jaw_open": 0.7}),
+              MotionFrame(3, -45.0, 20.0, {"jaw_open": 0.2})]  # same pose, another expression
+    spec = cfg.synth.attributes[1].edits[-1]
+    edited, mask = editor.edit(image, lm, cfg.synth.attributes[1].name, spec, 4)
+    for _ in range(2):  # the second pass is served from the caches
+        for frame in frames:
+            for img, m in ((image, None), (edited, mask)):
+                got = animator.animate(img, lm, frame, 0, m)
+                want = animate(img, lm, frame, m, camera=animator.camera)
+                for g, w in zip(got, want):
+                    assert (g is None and w is None) or np.array_equal(g, w)
+            got = morpher.morph(image, lm, cfg.synth.attributes[1].name, None, spec, 0.5, frame, None, None, 4)
+            params = lerp_params({}, spec.params, 0.5)
+            e, em = EDITS[cfg.synth.attributes[1].name](image, lm, params, 4)
+            want = animate(e, lm, frame, em, camera=animator.camera)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[3])
+    assert len(built) == 2  # one mesh per stage object for the subject, not one per call
+    assert len(morpher._edits.items) == 1  # the morph's edit was made once for every frame
+    # A cached warp cannot be changed by a caller.
+    with pytest.raises(ValueError):
+        animator.warp(lm, SIZE, frames[0]).map_xy[0, 0, 0] = 1.0
+
+
+def _turned_two_tone(lm):
+    """A portrait turned 25 degrees to the image left (its image-right half seen edge-on) whose
+    image-left half of the face is green stripes and image-right half flat red."""
+    turned = move_landmarks(lm, MotionFrame(0, -25.0, 0.0), SIZE)
+    image = np.full((SIZE, SIZE, 3), 128, np.uint8)
+    xs = np.arange(SIZE)
+    midline = turned[27:31, 0].mean()
+    stripes = np.where((xs // 3) % 2 == 0, 40, 200)
+    image[:, xs < midline] = np.stack([np.zeros(SIZE), stripes, np.full(SIZE, 60)], -1)[xs < midline].astype(np.uint8)
+    image[:, xs >= midline] = (220, 30, 30)
+    return image, turned
+
+
+def _cheek(landmarks, side):
+    import cv2
+
+    ids = [15, 14, 13, 12, 54, 35, 42, 47, 46, 45] if side == "right" else [1, 2, 3, 4, 48, 31, 39, 40, 41, 36]
+    m = np.zeros((SIZE, SIZE), np.uint8)
+    cv2.fillPoly(m, [np.round(np.asarray(landmarks)[ids] * 16).astype(np.int32)], 1, shift=4)
+    return m.astype(bool)
+
+
+def test_mirrored_completion_fills_the_side_the_portrait_saw_edge_on(astronaut):
+    _, lm = astronaut
+    image, turned = _turned_two_tone(lm)
+    warp = frame_warp(build_mesh(turned, SIZE), MotionFrame(1, 45.0, 0.0))
+    assert warp.layers, "no completion at a 45 degree turn of a turned portrait"
+    completed = apply_warp(image, warp)[0].astype(float)
+    stretched = apply_warp(image, dataclasses.replace(warp, layers=()))[0].astype(float)
+    cheek = _cheek(warp.landmarks, "right")  # the side +yaw reveals
+    green = image[:, : SIZE // 4].reshape(-1, 3).mean(0)  # the seen half's mean colour
+
+    def distance_to_seen_half(out):
+        return float(np.linalg.norm(out[cheek] - green, axis=1).mean())
+
+    assert distance_to_seen_half(completed) < 0.7 * distance_to_seen_half(stretched)
+    # The well-seen side is the portrait's own texture, untouched by the completion.
+    other = _cheek(warp.landmarks, "left")
+    assert np.abs(completed[other] - stretched[other]).mean() < 1.0
+    # A frontal view of the frontal portrait needs no completion.
+    assert not frame_warp(build_mesh(lm, SIZE), MotionFrame(0, 0.0, 0.0)).layers

@@ -97,7 +97,11 @@ def test_stage_hashes_cover_what_each_stage_computes():
     ("gpu", [], "0082c5352d88"), ("cpu-smoke", ["train.steps=130", "machine.device=cpu"], "7ec36cf37c5c"),
 ])
 def test_legacy_hash_reproduces_the_single_hash_of_older_outputs(preset, overrides, old_hash):
-    assert load_config(preset, overrides).legacy_hash() == old_hash
+    # Older outputs were synthesized with the motion script's earlier ranges (+-30 deg yaw, +-12
+    # pitch) and no combined-edit frames.
+    then = ["synth.motion.yaw_range=30.0", "synth.motion.pitch_range=12.0", "synth.combined_frames=0"]
+    assert load_config(preset, overrides + then).legacy_hash() == old_hash
+    assert load_config(preset, overrides).legacy_hash() != old_hash  # today's wider turns are new frames
 
 
 def _frame_row(**kw):

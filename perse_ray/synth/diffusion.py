@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from perse_ray.camera import Camera
 from perse_ray.config import Config, EditSpec
+from perse_ray.geometry import move_landmarks
 from perse_ray.models import ModelNotFoundError, resolve_model_ref, torch_device_dtype
-from perse_ray.synth.classical.animator import Camera, move_landmarks
 from perse_ray.synth.motion import MotionFrame
 
 MASK_THRESHOLD = 0.08  # mean |difference| (fraction of full scale) that counts as edited

@@ -9,10 +9,14 @@ beard's strand texture uses it).
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+
 import numpy as np
 
+from perse_ray.camera import Camera
 from perse_ray.config import Config, EditSpec
-from perse_ray.synth.classical.animator import Camera, animate
+from perse_ray.synth.classical.animator import apply_warp, build_mesh, frame_warp
 from perse_ray.synth.classical.edits import EDITS, lerp_params
 from perse_ray.synth.motion import MotionFrame
 
@@ -36,26 +40,73 @@ class ClassicalEditor:
         return _edit(image, landmarks, attribute, None if spec is None else spec.params, seed)
 
 
+class _LRU:
+    """A small least-recently-used map: the stages' per-subject and per-frame caches."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.items = capacity, OrderedDict()
+
+    def get(self, key, make):
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        value = self.items[key] = make()
+        if len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+        return value
+
+
+def _frame_key(frame: MotionFrame) -> tuple:
+    return float(frame.yaw), float(frame.pitch), tuple(sorted((k, float(v)) for k, v in frame.expression.items()))
+
+
 class ClassicalAnimator:
-    """Deterministic: ``seed`` is accepted for the protocol and not needed."""
+    """Deterministic: ``seed`` is accepted for the protocol and not needed.
+
+    The warp depends on the landmarks and the frame only, so the subject's mesh is built once and
+    each frame's warp once, then applied to the source and every edit (bit-identical to
+    ``animator.animate``)."""
+
+    MESHES = 8  # subjects
+    WARPS = 96  # (subject, frame) pairs: a whole cpu motion script and then some
 
     def __init__(self, cfg: Config):
         self.camera = Camera(cfg.render.fov_deg, cfg.render.distance)
+        self._meshes, self._warps = _LRU(self.MESHES), _LRU(self.WARPS)
+
+    def warp(self, landmarks: np.ndarray, size: int, frame: MotionFrame):
+        lm = np.ascontiguousarray(landmarks, np.float64)
+        subject = (lm.tobytes(), lm.shape, int(size))
+        mesh = self._meshes.get(subject, lambda: build_mesh(lm, size, self.camera))
+        return self._warps.get((subject, _frame_key(frame)), lambda: frame_warp(mesh, frame))
 
     def animate(self, image: np.ndarray, landmarks: np.ndarray, frame: MotionFrame, seed: int,
                 mask: np.ndarray | None = None):
-        return animate(image, landmarks, frame, mask, camera=self.camera)
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[0] != image.shape[1]:
+            raise ValueError(f"animate expects a square HxWx3 image, got {image.shape}")
+        return apply_warp(image, self.warp(landmarks, image.shape[0], frame), mask)
+
+
+def _image_key(image: np.ndarray) -> tuple:
+    a = np.ascontiguousarray(image)
+    return a.shape, str(a.dtype), hashlib.blake2b(a.tobytes(), digest_size=16).hexdigest()
 
 
 class ExactMorpher:
     """Reference at ``alpha`` = the edit at ``lerp_params(from, to, alpha)``, animated with ``frame``.
 
     Exact for parametric edits, so ``frame_from``/``frame_to`` (the animated endpoints, which a
-    diffusion morpher blends) are not needed; alpha 0 and 1 reproduce them bit for bit.
+    diffusion morpher blends) are not needed; alpha 0 and 1 reproduce them bit for bit. An edit
+    does not depend on the frame: each (source, attribute, params, seed) is edited once and the
+    animator's cached warps animate it at every frame.
     """
+
+    EDITS = 32  # a subject's morph levels (attributes x pairs x alphas) several times over
 
     def __init__(self, cfg: Config):
         self.animator = ClassicalAnimator(cfg)
+        self._edits = _LRU(self.EDITS)
 
     def morph(self, source: np.ndarray, landmarks: np.ndarray, attribute: str, spec_from: EditSpec | None,
               spec_to: EditSpec | None, alpha: float, frame: MotionFrame, frame_from: np.ndarray,
@@ -65,6 +116,8 @@ class ExactMorpher:
         else:
             params = lerp_params({} if spec_from is None else spec_from.params,
                                  {} if spec_to is None else spec_to.params, alpha)
-        edited, mask = _edit(source, landmarks, attribute, params, seed)
+        key = (_image_key(source), _image_key(np.asarray(landmarks, np.float32)), attribute,
+               None if params is None else tuple(sorted(params.items())), int(seed))
+        edited, mask = self._edits.get(key, lambda: _edit(source, landmarks, attribute, params, seed))
         image, _, _, warped = self.animator.animate(edited, landmarks, frame, seed, mask)
         return image, warped

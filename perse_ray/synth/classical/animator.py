@@ -24,127 +24,34 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
-from perse_ray.camera import intrinsics, orbit_viewmat
-from perse_ray.synth.classical.regions import FaceFrame
+from perse_ray.camera import Camera
+from perse_ray.geometry import (  # noqa: F401  (re-exported: the animator's geometry, backend-neutral)
+    EXPRESSIONS,
+    HEAD_CENTRE,
+    HEAD_RADII,
+    LANDMARK_DEPTH,
+    MIRROR,
+    FaceFrame,
+    Head,
+    expressed_landmarks,
+    landmarks_in_world,
+    move_landmarks,
+)
 from perse_ray.synth.motion import MotionFrame
 
-EXPRESSIONS = ("jaw_open", "smile", "brow_raise", "eye_close")
-
-# Head ellipsoid in face-frame units (interocular distances): centre below the eyes on the yaw axis
-# (near ear level) and semi-axes across, down and in depth. It carries forehead, scalp and the
-# outline; the top reaches the crown of the hair.
-HEAD_CENTRE = (0.0, 0.3)
-HEAD_RADII = (1.25, 1.85, 1.35)
-# Landmark heights in front of the ellipsoid's centre plane (iod), a generic face profile: the jaw
-# line runs from beside the ears (0, 16) round to the chin, the nose tip stands out most.
-LANDMARK_DEPTH = np.array(
-    [0.1, 0.2, 0.35, 0.55, 0.75, 0.95, 1.1, 1.2, 1.25, 1.2, 1.1, 0.95, 0.75, 0.55, 0.35, 0.2, 0.1,  # jaw
-     0.95, 1.15, 1.25, 1.3, 1.3, 1.3, 1.3, 1.25, 1.15, 0.95,  # brows
-     1.3, 1.4, 1.5, 1.65, 1.35, 1.45, 1.5, 1.45, 1.35,  # nose
-     1.0, 1.15, 1.15, 1.15, 1.12, 1.12, 1.15, 1.15, 1.15, 1.0, 1.12, 1.12,  # eyes
-     1.15, 1.3, 1.37, 1.4, 1.37, 1.3, 1.15, 1.3, 1.35, 1.37, 1.35, 1.3,  # outer lips
-     1.15, 1.3, 1.35, 1.3, 1.15, 1.3, 1.33, 1.3])  # inner lips
 NECK_DEPTH = 0.5
 CONTOUR_ANGLES = np.arange(170.0, 371.0, 20.0)  # the outline beside the jaw and over the top (270 = up)
 HALO_SCALE = 1.35  # hair volume and nearby background: a ring outside the outline
 HALO_FOLLOW = 0.5  # share of its outline vertex's motion a halo vertex takes
 NECK_FOLLOW = 0.4  # share of the head's motion the neck takes
 STRETCH_INVALID = 3.0  # triangles magnified more than this show invented texture: not valid
+# Mirrored completion of what the portrait saw badly: a face triangle magnified past
+# COMPLETE_STRETCH whose mirror image (the other half of the face) is magnified COMPLETE_GAIN
+# times less starts taking the mirror image; fully COMPLETE_RAMP beyond both.
+COMPLETE_STRETCH = 1.5
+COMPLETE_GAIN = 1.2
+COMPLETE_RAMP = 0.8
 RIGID, CONTOUR, HALO, NECK, FIXED = range(5)
-# iBUG-68 mirror images of the image-left mouth points.
-_MIRROR = {48: 54, 49: 53, 50: 52, 59: 55, 58: 56, 60: 64, 61: 63, 67: 65}
-
-
-@dataclass(frozen=True)
-class Camera:
-    """The pinhole/orbit camera the frames are rendered for (``RenderConfig`` fov and distance)."""
-
-    fov_deg: float = 30.0
-    distance: float = 1.0
-
-
-def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Smallest rotation taking unit vector a to unit vector b (Rodrigues)."""
-    v, c = np.cross(a, b), float(a @ b)
-    if np.linalg.norm(v) < 1e-12:
-        return np.eye(3)
-    vx = np.array([[0.0, -v[2], v[1]], [v[2], 0.0, -v[0]], [-v[1], v[0], 0.0]])
-    return np.eye(3) + vx + vx @ vx / (1.0 + c)
-
-
-class _Head:
-    """The head ellipsoid in world metres (``perse_ray.camera`` axes), as the front camera sees it.
-
-    The world origin is where the orbit camera looks: the image centre at the head centre's depth,
-    so one pixel there is D / f metres.
-
-    Pixels here are image-array coordinates, as cv2.remap, the rasterizer below and dlib's
-    landmarks use them: pixel [i, j] is centred at (x, y) = (j, i). The intrinsics (and the
-    renderer) put that centre at (j + 0.5, i + 0.5), so the principal point here is K's minus 0.5:
-    the one place the two conventions meet.
-    """
-
-    def __init__(self, frame: FaceFrame, size: int, camera: Camera):
-        k = intrinsics(size, size, camera.fov_deg).astype(np.float64)
-        self.f, self.c, self.dist = float(k[0, 0]), float(k[0, 2]) - 0.5, float(camera.distance)
-        metres_per_px = self.dist / self.f
-        self.unit = frame.iod * metres_per_px  # one iod in metres
-        centre = frame.to_image(np.array(HEAD_CENTRE))
-        self.centre = np.array([(centre[0] - self.c) * metres_per_px, (centre[1] - self.c) * metres_per_px, 0.0])
-        axes = np.array([[frame.u[0], frame.v[0], 0.0], [frame.u[1], frame.v[1], 0.0], [0.0, 0.0, 1.0]])
-        self.axes = axes @ np.diag(HEAD_RADII) * self.unit  # columns: the semi-axes
-        self.axes_inv = np.linalg.inv(self.axes)
-        self.front_eye = np.array([0.0, 0.0, -self.dist])
-
-    def cast(self, px: np.ndarray) -> np.ndarray:
-        """World points where the front camera's rays through ``px`` meet the ellipsoid (the ray's
-        closest approach where it misses): [N, 3]."""
-        d = np.concatenate([(px - self.c) / self.f, np.ones((len(px), 1))], axis=1)
-        d /= np.linalg.norm(d, axis=1, keepdims=True)
-        q = d @ self.axes_inv.T
-        r = self.axes_inv @ (self.front_eye - self.centre)
-        a, b, c = (q * q).sum(1), q @ r, r @ r - 1.0
-        disc = b * b - a * c
-        lam = np.where(disc >= 0, (-b - np.sqrt(np.maximum(disc, 0.0))) / a, -b / a)
-        return self.front_eye + lam[:, None] * d
-
-    def lift(self, px: np.ndarray, depth: np.ndarray) -> np.ndarray:
-        """World points on the front camera's rays through ``px``, ``depth`` iod in front of the
-        head centre's plane: [N, 3]."""
-        z = -np.asarray(depth, np.float64) * self.unit
-        scale = (self.dist + z) / self.f
-        return np.stack([(px[:, 0] - self.c) * scale, (px[:, 1] - self.c) * scale, z], axis=-1)
-
-    def _polar_circle(self, eye: np.ndarray):
-        """The outline seen from ``eye`` lies on its polar plane: in ellipsoid coordinates
-        s = A^-1 (x - centre), the unit-sphere circle s . n = 1 / |c'| with c' = A^-1 (eye - centre)."""
-        cp = self.axes_inv @ (eye - self.centre)
-        n = float(np.linalg.norm(cp))
-        axis = cp / n
-        return axis / n, np.sqrt(max(1.0 - 1.0 / n ** 2, 0.0)), axis
-
-    def contour(self, angles_deg: np.ndarray, eye: np.ndarray) -> np.ndarray:
-        """World points of the outline seen from ``eye`` at ``angles_deg`` around it. The front
-        view's circle basis is carried to the new view by the smallest rotation, so an angle names
-        the same part of the outline in every view."""
-        _, _, n0 = self._polar_circle(self.front_eye)
-        k1, rho1, n1 = self._polar_circle(eye)
-        e1 = np.array([1.0, 0.0, 0.0]) - n0[0] * n0
-        e1 /= np.linalg.norm(e1)
-        e2 = np.cross(n0, e1)
-        e2 *= np.sign(e2[1])  # growing angles turn towards image-down, like the face frame
-        rot = _rotation_between(n0, n1)
-        t = np.radians(angles_deg)[:, None]
-        s = k1 + rho1 * (np.cos(t) * (rot @ e1) + np.sin(t) * (rot @ e2))
-        return self.centre + s @ self.axes.T
-
-    def view(self, motion: MotionFrame) -> np.ndarray:
-        return orbit_viewmat(motion.yaw, motion.pitch, self.dist).astype(np.float64)
-
-    def project(self, world: np.ndarray, view: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels and camera depths of world points."""
-        cam = world @ view[:3, :3].T + view[:3, 3]
-        return cam[:, :2] / cam[:, 2:3] * self.f + self.c, cam[:, 2]
 
 
 def _ring(scale: float, angles_deg: np.ndarray) -> np.ndarray:
@@ -154,68 +61,13 @@ def _ring(scale: float, angles_deg: np.ndarray) -> np.ndarray:
                      HEAD_CENTRE[1] + scale * HEAD_RADII[1] * np.sin(t)], axis=-1)
 
 
-def _expression_offsets(expr: dict[str, float]) -> tuple[np.ndarray, float]:
-    """Landmark displacements [68, 2] in face-frame units (u right, v down) for the named
-    expressions, and the eye closure (applied apart: the lids meet rather than shift)."""
-    unknown = sorted(set(expr) - set(EXPRESSIONS))
-    if unknown:
-        raise ValueError(f"unknown expression {unknown[0]!r}; choices: {', '.join(EXPRESSIONS)}")
-    value = {name: float(np.clip(expr.get(name, 0.0), 0.0, 1.0)) for name in EXPRESSIONS}
-    off = np.zeros((68, 2))
-    jaw = value["jaw_open"]
-    if jaw:
-        drop = 0.32 * jaw
-        for i in range(3, 14):  # the jaw line swings down, most at the chin
-            off[i, 1] += drop * np.cos(min(abs(i - 8) / 6, 1.0) * np.pi / 2)
-        for idx, w in (((56, 57, 58, 65, 66, 67), 0.85), ((55, 59), 0.6), ((48, 54, 60, 64), 0.25)):
-            off[list(idx), 1] += drop * w  # the lower lip rides on the jaw
-        off[[48, 60], 0] += 0.04 * jaw  # an open mouth narrows a little
-        off[[54, 64], 0] -= 0.04 * jaw
-    smile = value["smile"]
-    if smile:
-        # (image-left points, outwards, upwards); their mirror images move mirrored.
-        for idx, out, up in (((48, 60), 0.13, 0.10), ((49, 59), 0.07, 0.05), ((61, 67, 50, 58), 0.03, 0.02)):
-            for i in idx:
-                off[i] += smile * np.array([-out, -up])
-                off[_MIRROR[i]] += smile * np.array([out, -up])
-        off[[40, 41, 46, 47], 1] -= 0.02 * smile  # cheeks push the lower lids up
-    brow = value["brow_raise"]
-    if brow:
-        off[17:27, 1] -= 0.14 * brow
-        off[[37, 38, 43, 44], 1] -= 0.02 * brow
-    return off, value["eye_close"]
-
-
-def _expressed(landmarks: np.ndarray, frame: FaceFrame, expression: dict[str, float]) -> np.ndarray:
-    """The 68 landmarks (pixels) with the expression applied in the front view."""
-    offsets, close = _expression_offsets(expression)
-    face = frame.to_face(landmarks) + offsets
-    if close:
-        for upper, lower in ((37, 41), (38, 40), (43, 47), (44, 46)):
-            meet = face[upper] + 0.7 * (face[lower] - face[upper])
-            face[upper] += close * (meet - face[upper])
-            face[lower] += close * (meet - face[lower])
-    return frame.to_image(face)
-
-
-def landmarks_in_world(landmarks: np.ndarray, expression: dict[str, float], size: int,
-                       camera: Camera = Camera()) -> np.ndarray:
-    """The 3D points (world metres, ``perse_ray.camera`` axes) the animator puts the 68 landmarks
-    of an aligned ``size``-square portrait at, with ``expression`` applied: float64 [68, 3]."""
-    lm = np.asarray(landmarks, np.float64)
-    face = FaceFrame.from_landmarks(lm)
-    return _Head(face, size, camera).lift(_expressed(lm, face, expression), LANDMARK_DEPTH)
-
-
-def move_landmarks(landmarks: np.ndarray, frame: MotionFrame, size: int, camera: Camera = Camera()) -> np.ndarray:
-    """Where the 68 landmarks land in ``frame`` (expression, then head pose): float32 [68, 2]."""
-    head = _Head(FaceFrame.from_landmarks(np.asarray(landmarks, np.float64)), size, camera)
-    uv, _ = head.project(landmarks_in_world(landmarks, frame.expression, size, camera), head.view(frame))
-    return uv.astype(np.float32)
-
-
 @dataclass
 class _Mesh:
+    """Everything about a subject's mesh that no frame changes (built once per portrait)."""
+
+    face: FaceFrame
+    head: Head
+    size: int
     src: np.ndarray  # [V, 2] source pixels; the first 68 are the landmarks
     kind: np.ndarray  # [V] RIGID (landmarks, scalp), CONTOUR, HALO, NECK or FIXED
     angle: np.ndarray  # [V] outline angle of CONTOUR vertices (their HALO partners follow in order)
@@ -224,6 +76,9 @@ class _Mesh:
     tri_area: np.ndarray  # [T] signed source areas as triangulated (orientation reference)
     src_area: np.ndarray  # [T] unsigned true source areas
     cavity: np.ndarray  # [T] bool, triangles inside the inner lip contour
+    mirror_src: np.ndarray  # [V, 2] source pixels of each vertex's left-right mirror image (itself if none)
+    mirror_area: np.ndarray  # [T] unsigned source areas of the mirrored triangles
+    symmetric: np.ndarray  # [T] bool, face triangles whose every vertex has a mirror image
 
 
 def _border(size: int, n: int = 5) -> np.ndarray:
@@ -252,7 +107,27 @@ def _signed_area(pts: np.ndarray, tris: np.ndarray) -> np.ndarray:
     return 0.5 * ((b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0]))
 
 
-def _build_mesh(landmarks: np.ndarray, frame: FaceFrame, head: _Head, size: int) -> _Mesh:
+def _mirror_partners(src: np.ndarray, kind: np.ndarray, frame: FaceFrame) -> np.ndarray:
+    """Each vertex's left-right mirror image across the face's midline (-1: none). Landmarks pair by
+    the iBUG-68 symmetry; the scalp, outline, halo and neck are built symmetric in the face frame,
+    so they pair with the nearest vertex of their kind at the mirrored position."""
+    partner = np.full(len(src), -1)
+    partner[:68] = MIRROR
+    face = frame.to_face(src)
+    for k in (RIGID, CONTOUR, HALO, NECK):
+        ids = np.flatnonzero(kind == k)
+        ids = ids[ids >= 68]
+        if len(ids) == 0:
+            continue
+        mirrored = face[ids] * np.array([-1.0, 1.0])
+        d = np.linalg.norm(mirrored[:, None] - face[ids][None], axis=-1)
+        best = d.argmin(1)
+        ok = d[np.arange(len(ids)), best] < 0.25
+        partner[ids[ok]] = ids[best[ok]]
+    return partner
+
+
+def _build_mesh(landmarks: np.ndarray, frame: FaceFrame, head: Head, size: int) -> _Mesh:
     lm = np.asarray(landmarks, np.float64)
     # Forehead and scalp: two arcs over the face's width (beside it the jaw line is the face's own
     # outline, well behind where the ellipsoid would put a point).
@@ -282,18 +157,35 @@ def _build_mesh(landmarks: np.ndarray, frame: FaceFrame, head: _Head, size: int)
     world[kind == NECK] = head.lift(src[kind == NECK], np.full(np.sum(kind == NECK), NECK_DEPTH))
     tri_pts = _triangulation_points(src, frame)
     tris = Delaunay(tri_pts, qhull_options="QJ Qbb Qc").simplices
-    return _Mesh(src, kind, angle, world, tris, _signed_area(tri_pts, tris),
-                 np.abs(_signed_area(src, tris)), np.all((tris >= 60) & (tris < 68), axis=1))
+    cavity = np.all((tris >= 60) & (tris < 68), axis=1)
+    partner = _mirror_partners(src, kind, frame)
+    mirror_src = np.where((partner >= 0)[:, None], src[np.maximum(partner, 0)], src)
+    on_face = np.isin(kind, (RIGID, CONTOUR))
+    symmetric = np.all(on_face[tris] & (partner[tris] >= 0), axis=1) & ~cavity
+    return _Mesh(frame, head, size, src, kind, angle, world, tris, _signed_area(tri_pts, tris),
+                 np.abs(_signed_area(src, tris)), cavity, mirror_src, np.abs(_signed_area(mirror_src, tris)),
+                 symmetric)
+
+
+def build_mesh(landmarks: np.ndarray, size: int, camera: Camera = Camera()) -> _Mesh:
+    """The subject's mesh for an aligned ``size``-square portrait's 68 landmarks: the same for every
+    frame and every edit of the subject (a stage builds it once)."""
+    lm = np.asarray(landmarks, np.float64)
+    if lm.shape != (68, 2) or not np.all(np.isfinite(lm)):
+        raise ValueError(f"animate expects 68 finite (x, y) landmarks, got shape {lm.shape}")
+    face = FaceFrame.from_landmarks(lm)
+    head = Head(face, size, camera)
+    return _build_mesh(lm, face, head, size)
 
 
 _FRONT = MotionFrame(0, 0.0, 0.0, {})
 
 
-def _target_vertices(mesh: _Mesh, frame: FaceFrame, head: _Head, motion: MotionFrame):
+def _target_vertices(mesh: _Mesh, frame: FaceFrame, head: Head, motion: MotionFrame):
     """Pixels and z-buffer depths of every mesh vertex in ``motion``."""
     view = head.view(motion)
     world = mesh.world.copy()
-    world[:68] = head.lift(_expressed(mesh.src[:68], frame, motion.expression), LANDMARK_DEPTH)
+    world[:68] = head.lift(expressed_landmarks(mesh.src[:68], frame, motion.expression), LANDMARK_DEPTH)
     posed, depth = head.project(world, view)
     dst = mesh.src.copy()
     rigid, contour, halo, neck = (mesh.kind == k for k in (RIGID, CONTOUR, HALO, NECK))
@@ -397,6 +289,138 @@ def _mouth_layer(src_lm: np.ndarray, dst_lm: np.ndarray, frame: FaceFrame, size:
     return ids, src_xy, gap, _mouth_colour(t, teeth_alpha)
 
 
+@dataclass(frozen=True)
+class Warp:
+    """One frame's warp of a subject: everything ``animate`` does that no image changes, so every
+    edit of the subject (and every morph) at that frame reuses it. Arrays are read-only."""
+
+    map_xy: np.ndarray  # float32 [2, S, S]: where each pixel samples the source
+    # Completions blended over it in order: (float32 [2, S, S] where they sample, float32 [S, S]
+    # their share); only those with a share somewhere.
+    layers: tuple[tuple[np.ndarray, np.ndarray], ...]
+    valid: np.ndarray  # float32 [S, S]
+    landmarks: np.ndarray  # float32 [68, 2]
+    gap: np.ndarray  # bool [S, S]: the newly opened mouth gap, painted
+    gap_colour: np.ndarray  # uint8 [G, 3], in the gap's row-major order
+
+
+def _smoothstep(x: np.ndarray) -> np.ndarray:
+    x = np.clip(x, 0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _mirror_weight(mesh: _Mesh, area: np.ndarray, back: np.ndarray) -> np.ndarray:
+    """Per vertex: how much of the mirror image to show. A face triangle the source saw badly
+    (stretched into the target) whose mirror image the source saw clearly better takes the mirror;
+    vertex weights are the mean of their triangles', so the blend is continuous across the face."""
+    stretch = np.abs(area) / np.maximum(mesh.src_area, 1e-6)
+    mirrored = np.abs(area) / np.maximum(mesh.mirror_area, 1e-6)
+    return _vertex_mean(mesh, _completion_weight(stretch, mirrored) * (mesh.symmetric & ~back))
+
+
+def _vertex_mean(mesh: _Mesh, w_tri: np.ndarray) -> np.ndarray:
+    total = np.zeros(len(mesh.src))
+    count = np.zeros(len(mesh.src))
+    np.add.at(total, mesh.tris, np.repeat(w_tri[:, None], 3, axis=1))
+    np.add.at(count, mesh.tris, 1.0)
+    return total / np.maximum(count, 1.0)
+
+
+def _completion_weight(stretch: np.ndarray, completed_stretch: np.ndarray) -> np.ndarray:
+    """Per triangle: the share of a completion where the direct sample is stretched and the
+    completion's is clearly less so."""
+    gain = stretch / np.maximum(completed_stretch, 1e-6)
+    return _smoothstep((stretch - COMPLETE_STRETCH) / COMPLETE_RAMP) * _smoothstep((gain - COMPLETE_GAIN) / COMPLETE_RAMP)
+
+
+def frame_warp(mesh: _Mesh, frame: MotionFrame) -> Warp:
+    """The warp of ``frame`` for a subject's mesh (``build_mesh``)."""
+    face, head, size = mesh.face, mesh.head, mesh.size
+    dst, depth = _target_vertices(mesh, face, head, frame)
+    area = _signed_area(dst, mesh.tris)
+    back = np.sign(area) != np.sign(mesh.tri_area)
+    tri_id, weights = _rasterize(dst, depth, mesh.tris, back, size)
+    covered = tri_id >= 0
+    tid = np.where(covered, tri_id, 0)
+    ys, xs = np.divmod(np.arange(size * size), size)
+    own = np.stack([xs, ys], -1).astype(np.float64)
+
+    def sample(coords):  # per pixel, the barycentric blend of per-vertex texture coordinates
+        return np.where(covered[:, None], (weights[:, :, None] * coords[mesh.tris[tid]]).sum(1), own)
+
+    def share(w_vertex, where):
+        return np.where(covered & where[tid], (weights * w_vertex[mesh.tris[tid]]).sum(1), 0.0)
+
+    src_xy = sample(mesh.src)
+    stretch = np.abs(area) / np.maximum(mesh.src_area, 1e-6)
+    shown = stretch[tid]  # magnification of the texture shown, blended like the texture
+    layers = []
+    w_mirror = share(_mirror_weight(mesh, area, back), mesh.symmetric)
+    layers.append((sample(mesh.mirror_src), w_mirror))
+    shown = (1 - w_mirror) * shown + w_mirror * (np.abs(area) / np.maximum(mesh.mirror_area, 1e-6))[tid]
+    invalid = ~covered | back[tid] | ((shown > STRETCH_INVALID) & ~mesh.cavity[tid])
+    gap = np.zeros(size * size, bool)
+    gap_colour = np.zeros((0, 3), np.uint8)
+    if frame.expression.get("jaw_open", 0.0) or frame.expression.get("smile", 0.0):
+        mouth = _mouth_layer(mesh.src[:68], dst[:68], face, size)
+        if mouth is not None:
+            ids, mouth_xy, mouth_gap, colour = mouth
+            src_xy[ids] = mouth_xy
+            for _, w in layers:
+                w[ids] = 0.0  # the mouth interior is the portrait's own, split between the lips
+            gap[ids[mouth_gap]] = True
+            invalid[ids] = False
+            gap_colour = np.clip(np.rint(colour), 0, 255).astype(np.uint8)  # ids ascend: row-major
+
+    def frozen(a):
+        a = np.ascontiguousarray(a)
+        a.flags.writeable = False
+        return a
+
+    def grid(xy):  # [S*S, 2] pixel coordinates -> float32 [2, S, S] (cv2.remap's map_x, map_y)
+        return frozen(xy.T.reshape(2, size, size).astype(np.float32))
+
+    return Warp(map_xy=grid(src_xy),
+                layers=tuple((grid(xy), frozen(w.reshape(size, size).astype(np.float32)))
+                             for xy, w in layers if np.any(w > 0)),
+                valid=frozen((~invalid).astype(np.float32).reshape(size, size)),
+                landmarks=frozen(dst[:68].astype(np.float32)), gap=frozen(gap.reshape(size, size)),
+                gap_colour=frozen(gap_colour))
+
+
+def _remap(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    return cv2.remap(image, xy[0], xy[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def apply_warp(image: np.ndarray, warp: Warp, mask: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Render a frame from a square portrait (or an edit of it) with its subject's ``warp``: the
+    same returns as ``animate``."""
+    image = np.asarray(image)
+    size = warp.map_xy.shape[1]
+    if image.ndim != 3 or image.shape != (size, size, 3):
+        raise ValueError(f"animate expects a {size}x{size}x3 image (the landmarks' portrait), got {image.shape}")
+    image = np.ascontiguousarray(image)
+    out = _remap(image, warp.map_xy)
+    if warp.layers:
+        blended = out.astype(np.float32)
+        for xy, w in warp.layers:
+            blended += w[..., None] * (_remap(image, xy).astype(np.float32) - blended)
+        out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if len(warp.gap_colour):
+        out[warp.gap] = warp.gap_colour
+    warped = None
+    if mask is not None:
+        m = np.ascontiguousarray(mask, dtype=np.float32)
+        if m.shape != (size, size):
+            raise ValueError(f"mask must be {size}x{size}, got {m.shape}")
+        warped = _remap(m, warp.map_xy)
+        for xy, w in warp.layers:
+            warped += w * (_remap(m, xy) - warped)
+        warped[warp.gap] = 0.0
+    return out, warp.landmarks.copy(), warp.valid.copy(), warped
+
+
 def animate(image: np.ndarray, landmarks: np.ndarray, frame: MotionFrame, mask: np.ndarray | None = None,
             camera: Camera = Camera()) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Render ``frame`` from an aligned square portrait with its 68 landmarks.
@@ -404,46 +428,11 @@ def animate(image: np.ndarray, landmarks: np.ndarray, frame: MotionFrame, mask: 
     Returns (frame uint8 [S, S, 3], landmarks float32 [68, 2] where they moved to, valid float32
     [S, S] (0 where the texture is invented: strongly magnified or seen from behind), ``mask``
     warped the same way or None). yaw = pitch = 0 with no expression returns the input exactly.
+    Where the source saw a surface badly and its mirror image well, the mirror image is blended in.
+    Pure: ``build_mesh`` once and ``frame_warp`` per frame give the same result for every edit.
     """
     image = np.asarray(image)
     size = image.shape[0]
     if image.ndim != 3 or image.shape[:2] != (size, size):
         raise ValueError(f"animate expects a square HxWx3 image, got {image.shape}")
-    lm = np.asarray(landmarks, np.float64)
-    face = FaceFrame.from_landmarks(lm)
-    head = _Head(face, size, camera)
-    mesh = _build_mesh(lm, face, head, size)
-    dst, depth = _target_vertices(mesh, face, head, frame)
-    area = _signed_area(dst, mesh.tris)
-    back = np.sign(area) != np.sign(mesh.tri_area)
-    tri_id, weights = _rasterize(dst, depth, mesh.tris, back, size)
-    covered = tri_id >= 0
-    tid = np.where(covered, tri_id, 0)
-    src_xy = (weights[:, :, None] * mesh.src[mesh.tris[tid]]).sum(1)
-    ys, xs = np.divmod(np.arange(size * size), size)
-    src_xy = np.where(covered[:, None], src_xy, np.stack([xs, ys], -1))
-    stretch = np.abs(area) / np.maximum(mesh.src_area, 1e-6)
-    invalid = ~covered | back[tid] | ((stretch[tid] > STRETCH_INVALID) & ~mesh.cavity[tid])
-    gap = np.zeros(size * size, bool)
-    mouth = None
-    if frame.expression.get("jaw_open", 0.0) or frame.expression.get("smile", 0.0):
-        mouth = _mouth_layer(lm, dst[:68], face, size)
-    if mouth is not None:
-        ids, mouth_xy, mouth_gap, _ = mouth
-        src_xy[ids] = mouth_xy
-        gap[ids[mouth_gap]] = True
-        invalid[ids] = False
-    map_x = src_xy[:, 0].reshape(size, size).astype(np.float32)
-    map_y = src_xy[:, 1].reshape(size, size).astype(np.float32)
-    out = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    if mouth is not None and np.any(gap):
-        out = out.reshape(-1, 3)
-        out[gap] = np.clip(np.rint(mouth[3]), 0, 255).astype(np.uint8)
-        out = out.reshape(size, size, 3)
-    valid = (~invalid).astype(np.float32).reshape(size, size)
-    warped = None
-    if mask is not None:
-        warped = cv2.remap(np.ascontiguousarray(mask, dtype=np.float32), map_x, map_y, cv2.INTER_LINEAR,
-                           borderMode=cv2.BORDER_REPLICATE)
-        warped[gap.reshape(size, size)] = 0.0
-    return out, dst[:68].astype(np.float32), valid, warped
+    return apply_warp(image, frame_warp(build_mesh(landmarks, size, camera), frame), mask)

@@ -12,46 +12,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-JAW = slice(0, 17)
-BROWS = slice(17, 27)
-NOSE = slice(27, 36)
-EYE_R = slice(36, 42)  # image-left eye
-EYE_L = slice(42, 48)  # image-right eye
-MOUTH = slice(48, 60)  # outer lip contour
-INNER_MOUTH = slice(60, 68)
-
-
-@dataclass(frozen=True)
-class FaceFrame:
-    origin: np.ndarray  # midpoint of the eye centres, pixels
-    u: np.ndarray  # unit vector, image-left eye -> image-right eye
-    v: np.ndarray  # unit vector, u turned 90 degrees: "down" the face
-    iod: float  # interocular distance, pixels
-
-    @classmethod
-    def from_landmarks(cls, landmarks: np.ndarray) -> FaceFrame:
-        lm = np.asarray(landmarks, np.float64)
-        eye_r, eye_l = lm[EYE_R].mean(0), lm[EYE_L].mean(0)
-        d = eye_l - eye_r
-        iod = float(np.hypot(*d))
-        if not iod > 1e-6:
-            raise ValueError("degenerate landmarks: both eye centres coincide")
-        u = d / iod
-        return cls((eye_r + eye_l) / 2, u, np.array([-u[1], u[0]]), iod)
-
-    def to_image(self, pts) -> np.ndarray:
-        """Face-frame coordinates (units of iod) -> pixels."""
-        p = np.asarray(pts, np.float64)
-        return self.origin + self.iod * (p[..., :1] * self.u + p[..., 1:2] * self.v)
-
-    def to_face(self, pts) -> np.ndarray:
-        d = np.asarray(pts, np.float64) - self.origin
-        return np.stack([d @ self.u, d @ self.v], axis=-1) / self.iod
-
-    def grid(self, shape: tuple[int, int]) -> np.ndarray:
-        """Face-frame coordinates of every pixel centre: [H, W, 2]."""
-        ys, xs = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
-        return self.to_face(np.stack([xs, ys], axis=-1))
+# The face frame and landmark groups live with the head geometry (backend-neutral); the edits
+# import them from here.
+from perse_ray.geometry import BROWS, EYE_L, EYE_R, INNER_MOUTH, JAW, MOUTH, NOSE, FaceFrame  # noqa: F401
 
 
 def polygon_mask(shape: tuple[int, int], pts: np.ndarray, feather: float = 0.0) -> np.ndarray:
