@@ -87,8 +87,8 @@ class FacesConfig:
 @dataclass
 class MotionConfig:
     num_frames: int = 24
-    yaw_range: float = 30.0  # degrees, +- around the front view
-    pitch_range: float = 12.0
+    yaw_range: float = 45.0  # degrees, +- around the front view
+    pitch_range: float = 20.0
     expressions: list[str] = field(default_factory=lambda: ["jaw_open", "smile", "brow_raise"])
     seed: int = 7
 
@@ -195,7 +195,7 @@ class Config:
     def synthesis_hash(self) -> str:
         """What changes the synthesized frames: faces, synth and the camera geometry."""
         d = self.to_dict()
-        return _digest({"scheme": 2, "faces": d["faces"], "synth": d["synth"],
+        return _digest({"scheme": 3, "faces": d["faces"], "synth": d["synth"],
                         "camera": {k: d["render"][k] for k in ("fov_deg", "distance")}})
 
     def training_hash(self) -> str:
