@@ -43,7 +43,6 @@ IOD = 0.062  # interocular distance (m) the portrait's landmarks are scaled to
 EYE_Y = -0.02  # the eyes' height in the head frame (m; y is down)
 LIGHT = np.array([-0.4, -0.5, -0.77]) / np.linalg.norm([-0.4, -0.5, -0.77])  # towards the light
 AMBIENT, DIFFUSE = 0.55, 0.45
-FRONT_SHADE = AMBIENT + DIFFUSE * 0.77  # the front view's shade: the portrait keeps its brightness there
 INTERIOR = np.array([0.30, 0.08, 0.09])  # inside of the shell (seen through the open mouth)
 BEARD_COLOR = np.array([0.16, 0.10, 0.06])
 RIM_COLOR = np.array([0.05, 0.05, 0.06])
@@ -495,7 +494,7 @@ class MeshHead:
 
     def _shade(self, normal: np.ndarray) -> np.ndarray:
         n = normal / np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
-        return (AMBIENT + DIFFUSE * np.clip(n @ LIGHT, 0, 1)) / FRONT_SHADE
+        return AMBIENT + DIFFUSE * np.clip(n @ LIGHT, 0, 1)  # at most 1: no colour clips, edits stay linear
 
     def _layers(self, f: dict) -> dict:
         """The attribute-independent texture layers of the covered fine pixels (shaded)."""
@@ -529,7 +528,7 @@ class MeshHead:
             "beard_unit": beard_mask * (0.8 + 0.35 * self._stubble(p)), "beard_mask": beard_mask,
             "beard": BEARD_COLOR[None] * (1 + 0.25 * self._stubble_tone(p))[:, None] * shade,
             "hair": self.hair_mask(p) * skull,
-            "hair_tone": np.clip(1 + 0.18 * self._strands(p), 0.6, 1.4)[:, None] * shade,
+            "hair_tone": np.clip(1 + 0.15 * self._strands(p), 0.6, 1.08)[:, None] * shade,
         }
 
     def _texture(self, f: dict, values: dict) -> np.ndarray:
