@@ -4,14 +4,25 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+NODE_STAMP := node_modules/.installed-$(shell sha256sum package-lock.json | cut -c1-16)
 ISOLATED := scripts/isolated
 RUN := OMP_NUM_THREADS=1 $(ISOLATED)
 OUT ?= out/demo
 PRESET ?=
 
-.PHONY: venv test demo bench serve clean
+.PHONY: venv node test demo bench serve clean
 
 venv: $(STAMP)
+
+# The viewer's splat renderer (served by the ingress from node_modules) and the .ply readers the
+# tests use, exactly as package-lock.json pins them; reinstalled only when the lock file changed.
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): package.json package-lock.json
+	@command -v npm >/dev/null || { echo "needs npm (apt-get install nodejs npm)"; exit 1; }
+	npm ci --no-audit --no-fund --ignore-scripts
+	@rm -f node_modules/.installed-*
+	@touch $@
 
 # Reinstall only when pyproject.toml changed (the stamp carries its hash).
 $(STAMP): pyproject.toml
@@ -22,7 +33,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: venv
+test: venv node
 	$(RUN) $(PY) -m pytest $(PYTEST_ARGS)
 
 # build_avatars prints the report path and the `serve run` line for its output.
@@ -35,7 +46,7 @@ demo: venv
 # (benchmarks/_check_output.py checks it). All run; the target fails at the end if any failed.
 # BENCH=benchmarks/serve_load.py runs one.
 BENCH ?= $(filter-out benchmarks/_%,$(sort $(wildcard benchmarks/*.py)))
-bench: venv
+bench: venv node
 	@set -o pipefail; failed=""; all=$$(date +%s); \
 	for b in $(BENCH); do \
 	  echo "# $$b --json $(BENCH_ARGS)" >&2; t=$$(date +%s); \
@@ -48,7 +59,7 @@ bench: venv
 	echo "# bench: $$(( $$(date +%s) - all )) s" >&2; \
 	if [ -n "$$failed" ]; then echo "bench: failed:$$failed" >&2; exit 1; fi
 
-serve: venv
+serve: venv node
 	@echo "serve: $$(grep -E '^\s+auth:' serve/config.yaml | head -1 | xargs)$${PERSE_KEYS_FILE:+ (keys file $$PERSE_KEYS_FILE)} (serve/config.yaml)"
 	PERSE_REGISTRY=$${PERSE_REGISTRY:-$(OUT)/avatars} $(ISOLATED) $(VENV)/bin/serve run serve/config.yaml
 

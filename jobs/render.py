@@ -2,12 +2,16 @@
 
     python jobs/render.py ada-1234abcd --attr hair=1.5 --expr smile=0.8 --yaw 20 --pitch -5 --out ada.png
     python jobs/render.py ada-1234abcd --strip hair --steps 5 --size 128 --out hair_strip.png
+    python jobs/render.py ada-1234abcd@v0002 --bundle --out ada.bundle
 
 --strip NAME sweeps an attribute slider over [0, number of edits - 1] (or an expression over [0, 1])
 in --steps evenly spaced values, the other values fixed by --attr/--expr, and writes the frames side
-by side. Needs a running server (serve run serve/config.yaml); --url picks it. Exit 0 on success,
-2 for unusable arguments or a request the server refuses (its message is printed), 1 when the server
-is unreachable.
+by side. --bundle writes the avatar's web bundle instead (GET /v1/avatars/{id}/bundle; ID@VERSION
+pins a version): the file the viewer decodes in the browser, checked before it is written.
+
+Needs a running server (serve run serve/config.yaml); --url picks it. Exit 0 on success, 2 for
+unusable arguments or a request the server refuses (its message is printed), 1 when the server is
+unreachable or sends an unusable bundle.
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
     p.add_argument("--strip", metavar="NAME", help="attribute or expression to sweep")
     p.add_argument("--steps", type=int, default=5, help="frames in the strip (>= 2)")
-    p.add_argument("--out", required=True, help="output .png")
+    p.add_argument("--bundle", action="store_true", help="write the web bundle (binary) instead of a picture")
+    p.add_argument("--out", required=True, help="output .png (or the bundle's file with --bundle)")
     args = p.parse_args(argv)
+    if args.bundle and args.strip is not None:
+        p.error("--bundle and --strip are exclusive")
     if args.strip is not None and args.steps < 2:
         p.error("--steps must be >= 2")
     return args
@@ -69,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     args = parse_args(argv)
+    if args.bundle:
+        return write_bundle(args)
     attributes, expression = dict(args.attr), dict(args.expr)
     try:
         with RenderClient(args.url) as client:
@@ -101,6 +110,34 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
     print(f"wrote {out} ({image.width}x{image.height})")
+    return 0
+
+
+def write_bundle(args: argparse.Namespace) -> int:
+    from urllib.parse import quote
+
+    from perse_ray.avatar.bundle import BundleError, decode_bundle
+
+    try:
+        with RenderClient(args.url) as client:
+            data = client._request("GET", f"/v1/avatars/{quote(args.avatar_id, safe='@')}/bundle").content
+        bundle = decode_bundle(data)
+    except InvalidRequest as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    except RenderError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if e.status else 1
+    except BundleError as e:
+        print(f"error: the server sent an unusable bundle: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(out)
+    who = bundle.header["avatar"]
+    print(f"wrote {out} ({len(data)} bytes: {who['id']}@{who['version']}, {bundle.num_gaussians} Gaussians)")
     return 0
 
 

@@ -164,6 +164,8 @@ def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
     next(s for s in wrong_shape["sections"] if s["name"] == "w_out")["shape"][2] = 13
     wrong_count = json.loads(json.dumps(header))
     wrong_count["num_gaussians"] += 1
+    huge = json.loads(json.dumps(header))
+    huge["sections"][-1]["nbytes"] = 1 << 40
     f16 = json.loads(json.dumps(header))
     f16["sections"][0]["dtype"] = "float16"
     return {
@@ -177,6 +179,7 @@ def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
         "shape": (with_header(wrong_shape), "shape"),
         "count": (with_header(wrong_count), "shape"),
         "dtype": (with_header(f16), "dtype"),
+        "declared too large": (with_header(huge), "over the cap"),
         "json": (good[:12] + b"{" * head_len + good[12 + head_len:], "JSON"),
     }
 

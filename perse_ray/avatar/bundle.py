@@ -196,6 +196,9 @@ def decode_bundle(data: bytes, *, max_bytes: int = MAX_BUNDLE_BYTES) -> WebBundl
     if not isinstance(table, list):
         raise BundleError("header: no section table")
     data_at, end, arrays = _align4(_PREFIX.size + head_len), 0, {}
+    declared = data_at + sum(s.get("nbytes", 0) for s in table if isinstance(s, dict) and isinstance(s.get("nbytes"), int))
+    if declared > max_bytes:
+        raise BundleError(f"bundle declares {declared} bytes, over the cap of {max_bytes} bytes")
     for s in table:
         try:
             name, dtype, shape, off, nbytes = s["name"], s["dtype"], [int(x) for x in s["shape"]], s["offset"], s["nbytes"]

@@ -486,6 +486,11 @@ window.perseViewer = {
   get ready() { return state.mode === "client" ? !!(client.decoder && client.shown) : !!$("view").dataset.seq; },
   get clientError() { return client.error; },
   get frames() { return client.view ? client.view.frames : 0; },
+  /** Browser mode: decoded, drawn, and no frame pending (Spark's sort has settled). */
+  get settled() {
+    return state.mode === "client" && !!(client.decoder && client.shown) && !client.frameReq
+      && performance.now() >= client.view.pendingUntil;
+  },
   get branchDecodes() { return client.decoder ? client.decoder.decodes : 0; },
   get decodeMs() { return client.decodeMs.slice(); },
   get bundle() { return { bytes: client.bundleBytes, ms: client.bundleMs, key: client.key }; },
@@ -513,6 +518,16 @@ async function start() {
     setStatus("offline");
     showBanner(`Server unreachable: ${err.message}`);
     return;
+  }
+  if (!resp.ok && fromUrl.avatar && (resp.status === 401 || resp.status === 403)) {
+    // A viewer link may not list: it sees its one avatar through the manifest.
+    const listing = resp;
+    resp = await api(`/v1/avatars/${encodeURIComponent(fromUrl.avatar)}`).catch(() => listing);
+    if (resp.ok) {
+      const m = await resp.json();
+      resp = { ok: true, json: async () => [{ id: m.id, version: m.version, expressions: m.layout.expressions,
+        attributes: Object.fromEntries(m.layout.attributes.map((a) => [a.name, a.edit_labels])) }] };
+    }
   }
   if (!resp.ok) {
     setStatus("error");

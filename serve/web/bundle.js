@@ -67,6 +67,8 @@ export function parseBundle(buffer, { maxBytes = MAX_BUNDLE_BYTES } = {}) {
   let end = 0;
   const arrays = {};
   if (!Array.isArray(header.sections)) throw new BundleError("header: no section table");
+  const declared = dataAt + header.sections.reduce((t, s) => t + (Number(s && s.nbytes) || 0), 0);
+  if (declared > maxBytes) throw new BundleError(`bundle declares ${declared} bytes, over the cap of ${maxBytes} bytes`);
   for (const s of header.sections) {
     const { name, dtype, shape, offset, nbytes } = s || {};
     if (!Object.hasOwn(expected, name) && name !== "backdrop") throw new BundleError(`section ${name}: unknown`);
