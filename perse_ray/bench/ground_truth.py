@@ -98,17 +98,12 @@ def _check_config(head: GroundTruthHead, config: Config) -> None:
 
 
 def combined_plan(config: Config) -> list[tuple[int, dict[str, float]]]:
-    """(motion-script frame, {attribute: level}) of every combined-edit frame, as synthesis plans them:
-    ``synth.combined_frames`` frames evenly spaced over the script (never frame 0), each with every
-    attribute at a non-source level drawn from ``synth.seed``; empty with fewer than two attributes."""
-    attrs = [a for a in config.synth.attributes if a.edits]
-    n = config.synth.motion.num_frames
-    count = min(config.synth.combined_frames, n - 1)
-    if count <= 0 or len(attrs) < 2:
-        return []
-    frames = sorted({int(round(f)) for f in np.linspace(1, n - 1, count)})
-    rng = np.random.default_rng([config.synth.seed, 0xC0])
-    return [(f, {a.name: float(rng.integers(1, len(a.edits) + 1)) for a in attrs}) for f in frames]
+    """(motion-script frame, {attribute: level}) of every combined-edit frame, exactly as synthesis
+    plans them (``perse_ray.synth.edit.combined_levels``: ``synth.combined_frames`` frames evenly
+    spaced over the script, never frame 0, every attribute at a seeded non-source level)."""
+    from perse_ray.synth.edit import combined_levels
+
+    return [(f, {a: float(k) for a, k in levels.items()}) for f, levels in combined_levels(config)]
 
 
 def frames_from_head(head: GroundTruthHead, config: Config, subject_id: str = "procedural-head") -> list[dict]:
