@@ -126,6 +126,9 @@ class AvatarConfig:
     pos_freqs: int = 4  # sin/cos frequencies of the canonical position encoding
     init_radius: float = 0.1  # metres; the ellipsoid the Gaussians start on
     init_scale: float = 0.008
+    # Each attribute branch moves only the Gaussians that fall inside that attribute's edit masks:
+    # cheaper (it skips the rest) and nothing outside an edit's region can follow its slider.
+    branch_regions: bool = True
     backdrop: bool = True  # learn a camera-fixed 2D background (the 2D animator keeps it fixed)
     backdrop_res: int = 32
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # behind the Gaussians without a backdrop
@@ -210,8 +213,9 @@ class Config:
         the old section layout), so outputs made then are recognised and reused, not redone."""
         d = self.to_dict()
         m = d.pop("machine")
-        for section, key in (("synth", "combined_frames"), ("train", "coarse_fraction")):
-            if not d[section][key]:  # keys added since: at their old behaviour they are absent
+        for section, key, old in (("synth", "combined_frames", 0), ("train", "coarse_fraction", 0.0),
+                                  ("avatar", "branch_regions", False)):
+            if d[section][key] == old:  # keys added since: at their old behaviour they are absent
                 del d[section][key]
         d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],
                           cpus_per_actor=m["cpus_per_actor"], gpus_per_actor=m["gpus_per_actor"])

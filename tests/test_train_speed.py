@@ -67,3 +67,90 @@ def test_coarse_steps_train_at_half_size_then_full(monkeypatch):
     assert sizes == [(12, 12)] * 3 + [(24, 24)] * 9
     with pytest.raises(ValueError, match="coarse_fraction"):
         loop.train_avatar(rows, load_config("cpu-smoke", SHRUNK + ["train.coarse_fraction=1.5"]), progress=False)
+
+
+def test_branch_regions_skip_gaussians_outside_and_equal_the_masked_dense_decode():
+    model, expression, selections = _model_and_batch(2)
+    n = model.means.shape[0]
+    z = model.compose(expression, selections)
+    dense = model.gaussians(z)  # regions all true: every branch on every Gaussian
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, n, generator=gen) < torch.tensor([[0.3], [0.0], [1.0]])  # partial, empty, full
+    model.set_branch_regions(mask)
+    assert [None if r is None else len(r) for r in model.region_indices()] == [None, int(mask[0].sum()), 0, None]
+    sparse = model.gaussians(z)
+    # Reference: the dense decoder's per-branch outputs, each zeroed outside its region, summed.
+    slices = model.layout.slices()
+    branches = [z[:, slices["expression"]]] + [z[:, slices[a.name]] for a in model.layout.attributes]
+    from perse_ray.avatar.model import POSITION_SCALE, positional_encoding
+
+    gauss_in = torch.cat([model.features, positional_encoding(model.means / POSITION_SCALE, model.cfg.pos_freqs)], -1)
+    with torch.no_grad():
+        weights = torch.stack([torch.ones(n)] + [m.float() for m in mask])  # [4, N]
+        reference = sum(_single_branch(model.decoder, gauss_in, branches, b) * weights[b][None, :, None]
+                        for b in range(4))
+        again = model.decoder(gauss_in, branches, regions=model.region_indices())
+    torch.testing.assert_close(again, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(sparse["colors"], dense["colors"])
+    # Moving an attribute's slider changes no Gaussian outside its region.
+    other = selections.clone()
+    other[:, 0] = torch.tensor([1, 1, 0.0])
+    moved = model.gaussians(model.compose(expression, other))
+    changed = (moved["means"] - sparse["means"]).abs().sum(-1).amax(0) > 0
+    assert changed.any() and not changed[~mask[0]].any()
+
+
+def _single_branch(decoder, gauss_in, branches, b):
+    """Branch b's output alone, [B, N, out], computed from its weights directly."""
+    z = branches[b]
+    h = torch.nn.functional.silu(gauss_in @ decoder.w_gauss[b] + (z @ decoder.w_z[b, : z.shape[1]] + decoder.b_in[b])[:, None])
+    for w, bias in zip(decoder.w_hidden, decoder.b_hidden):
+        h = torch.nn.functional.silu(h @ w[b] + bias[b])
+    return h @ decoder.w_out[b] + decoder.b_out[b]
+
+
+def test_region_mask_follows_the_projected_edit_masks():
+    from perse_ray.train.loop import FrameSet, branch_region_mask
+    from perse_ray.camera import camera_record
+
+    cam = camera_record(0.0, 0.0, 16, 16, 30.0, 0.65)
+    weights = torch.zeros(2, 16, 16)
+    weights[0, :, :4] = 1.0  # attribute 0's morph frame: the image's left quarter
+    selections = torch.zeros(2, 3, 3)
+    selections[0, 0] = torch.tensor([0, 1, 0.5])
+    selections[1, 1] = torch.tensor([0, 1, 0.5])  # attribute 1's frame has an empty mask
+    frames = FrameSet(torch.zeros(2, 16, 16, 3), weights, torch.tensor(cam["viewmat"]).view(1, 4, 4).repeat(2, 1, 1),
+                      torch.tensor(cam["K"]).view(1, 3, 3).repeat(2, 1, 1), torch.zeros(2, 0), selections,
+                      torch.tensor([True, True]), torch.tensor([1, 1]))
+    means = torch.tensor([[-0.12, 0.0, 0.0], [0.12, 0.0, 0.0], [0.0, 0.0, 0.0]])  # image left, right, centre
+    mask = branch_region_mask(means, frames, 3, dilate=0)
+    assert mask[0].tolist() == [True, False, False]
+    assert mask[1].tolist() == [False, False, False]
+    assert mask[2].tolist() == [True, True, True]  # no masked frames: no restriction
+    assert branch_region_mask(means, frames, 3, dilate=6)[0].tolist() == [True, False, True]
+
+
+def test_trained_branch_regions_are_saved_and_old_avatars_load_without_them(tmp_path):
+    import json
+
+    from perse_ray.avatar.io import load_avatar, save_avatar
+
+    cfg = load_config("cpu-smoke", SHRUNK)
+    result = loop.train_avatar(frames_from_head(ProceduralHead(seed=0), cfg), cfg, progress=False)
+    regions = result.avatar.model.branch_regions
+    assert 0 < int(regions.sum()) < regions.numel()  # the masks restrict every attribute somewhere
+    back = load_avatar(save_avatar(result.avatar, tmp_path / "a"))
+    assert torch.equal(back.model.branch_regions, regions)
+    z = result.avatar.latent({"hair": 1.0}, {})[None]
+    assert torch.equal(back.model.gaussians(z)["colors"], result.avatar.model.gaussians(z)["colors"])
+    # An avatar written before branch regions existed: no such key, no such tensor.
+    meta = json.loads((tmp_path / "a/avatar.json").read_text())
+    del meta["avatar_config"]["branch_regions"]
+    (tmp_path / "a/avatar.json").write_text(json.dumps(meta))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tmp_path / "a/model.safetensors"))
+    del tensors["branch_regions"]
+    save_file(tensors, str(tmp_path / "a/model.safetensors"))
+    old = load_avatar(tmp_path / "a")
+    assert old.model.region_indices() is None

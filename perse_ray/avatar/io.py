@@ -130,7 +130,8 @@ def load_avatar(path: str | os.PathLike) -> Avatar:
                                 f"is not supported (expected {FORMAT_VERSION})")
     try:
         layout = LatentLayout.from_dict(meta["layout"])
-        cfg = from_dict(AvatarConfig, meta["avatar_config"], "avatar_config")
+        # Avatars from before branch regions: every branch moves every Gaussian.
+        cfg = from_dict(AvatarConfig, {"branch_regions": False, **meta["avatar_config"]}, "avatar_config")
         camera = meta["camera"]
         float(camera["fov_deg"]), float(camera["distance"])
     except (KeyError, TypeError, ValueError, ConfigError) as e:

@@ -48,7 +48,8 @@ class BranchDecoder(nn.Module):
 
     Within a batch most frames share most attribute codes (a frame edits one attribute), so each
     branch runs on the unique rows of its z-slice only and is gathered back: the cost grows with
-    the number of distinct codes, not with the batch size.
+    the number of distinct codes, not with the batch size. A branch given the indices of the
+    Gaussians it may move (its region) runs on those only and adds nothing elsewhere.
     """
 
     def __init__(self, gauss_dim: int, branch_dims: list[int], hidden: int, layers: int):
@@ -70,29 +71,42 @@ class BranchDecoder(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(nb, out))
 
     def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor],
-                groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+                groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                regions: list[torch.Tensor | None] | None = None) -> torch.Tensor:
         """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out].
 
         ``groups[b]`` = (inverse [B], first [U]) names branch b's distinct rows (see ``row_groups``);
         given, the decoder never looks at z's values, which on CUDA is a host sync per branch.
+        ``regions[b]``: indices of the Gaussians branch b acts on (None: all of them).
         """
         nb, g_dim, hidden = self.w_gauss.shape
-        # Every branch's per-Gaussian input projection in one matrix product, then one view per
-        # branch; parameters are unbound once so no per-branch slice back-propagates a zero-filled
-        # copy of the whole stacked tensor.
-        g_all = (gauss_in @ self.w_gauss.permute(1, 0, 2).reshape(g_dim, nb * hidden)).view(-1, nb, hidden).unbind(1)
-        w_z, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_z, self.b_in, self.w_out, self.b_out))
+        regions = regions or [None] * nb
+        full = [b for b in range(nb) if regions[b] is None]
+        # The input projection of every all-Gaussian branch in one matrix product; parameters are
+        # unbound once so no per-branch slice back-propagates a zero-filled copy of the stack.
+        w_gauss, w_z, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_gauss, self.w_z, self.b_in,
+                                                                   self.w_out, self.b_out))
+        g_full = dict(zip(full, (gauss_in @ torch.cat([w_gauss[b] for b in full], 1)).split(hidden, 1))) \
+            if full else {}
         w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
-        total = None
+        batch = z_branches[0].shape[0]
+        total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) if len(full) < nb else None
         for b, z in enumerate(z_branches):
             inverse, first = groups[b] if groups is not None else row_groups(z.detach())
+            index = regions[b]
+            if index is not None and index.numel() == 0:
+                continue
+            g = g_full[b] if index is None else gauss_in[index] @ w_gauss[b]  # [n_b, H]
             zu = z[first]  # differentiable representatives of the distinct rows
-            h = nn.functional.silu(g_all[b][None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, N, H]
+            h = nn.functional.silu(g[None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, n_b, H]
             for w, bias in w_hidden:
                 h = nn.functional.silu(h @ w[b] + bias[b])
-            out = h @ w_out[b] + b_out[b]  # [U, N, out]
-            out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out  # [B, N, out]
-            total = out if total is None else total + out
+            out = h @ w_out[b] + b_out[b]  # [U, n_b, out]
+            out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out.expand(batch, -1, -1)
+            if index is not None:
+                total = total.index_add(1, index, out)
+            else:
+                total = out if total is None else total + out
         return total
 
 
@@ -125,6 +139,11 @@ class AvatarModel(nn.Module):
         gauss_dim = cfg.feature_dim + 3 + 6 * cfg.pos_freqs
         branch_dims = [max(layout.exp_dim, 1)] + [a.code_dim for a in layout.attributes]
         self.decoder = BranchDecoder(gauss_dim, branch_dims, cfg.hidden_dim, cfg.hidden_layers)
+        if cfg.branch_regions:
+            # Which Gaussians each attribute branch may move (row = attribute); set by training
+            # from the edits' masks (``set_branch_regions``). All at first: no restriction.
+            self.register_buffer("branch_regions", torch.ones(len(layout.attributes), n, dtype=torch.bool))
+        self._regions_key, self._regions = None, None
         # Learned screen-space backdrop: the 2D animator keeps the photo's background fixed to the
         # camera, so it is not part of the 3D head. Stored as logits, bilinearly resized on render.
         self.backdrop = nn.Parameter(torch.zeros(3, cfg.backdrop_res, cfg.backdrop_res)) if cfg.backdrop else None
@@ -163,6 +182,22 @@ class AvatarModel(nn.Module):
 
     # ----------------------------------------------------------------- decoding
 
+    def region_indices(self) -> list[torch.Tensor | None] | None:
+        """Per decoder branch, the Gaussians it acts on (None: all); cached until the mask changes."""
+        mask = getattr(self, "branch_regions", None)
+        if mask is None:
+            return None
+        key = (mask.data_ptr(), mask._version, mask.device)
+        if key != self._regions_key:
+            rows = [None if bool(m.all()) else torch.nonzero(m).flatten() for m in mask]
+            self._regions_key, self._regions = key, [None] + rows  # the expression branch moves all
+        return self._regions
+
+    @torch.no_grad()
+    def set_branch_regions(self, mask: torch.Tensor) -> None:
+        """mask [A, N] bool: attribute a's branch acts only where mask[a] is true."""
+        self.branch_regions.copy_(mask)
+
     def latent_groups(self, expression: torch.Tensor, selections: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``compose``'s inputs → each decoder branch's distinct rows (``row_groups``), from values
         the trainer holds on the CPU anyway: the decoder then needs no look at z on the device."""
@@ -180,7 +215,7 @@ class AvatarModel(nn.Module):
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
-        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups)
+        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices())
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         return {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],

@@ -275,6 +275,8 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         step, history, seconds_before = _load_checkpoint(latest, model, optimizer, gen, peak_opacity)
     else:
         init_from_portrait(model, train_set)
+        if config.avatar.branch_regions:
+            model.set_branch_regions(branch_region_mask(model.means, train_set, len(layout.attributes)))
     morph_weight = torch.where(train_set.is_morph, tcfg.lambda_interp, 1.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     global_batch = min(tcfg.batch_size, len(train_set))
@@ -313,6 +315,8 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         if relocate_now:
             relocate_dead(model, optimizer, peak_opacity, tcfg.dead_opacity, gen)
             peak_opacity.zero_()
+            if config.avatar.branch_regions:  # Gaussians moved: which region each is in now
+                model.set_branch_regions(branch_region_mask(model.means, train_set, len(layout.attributes)))
         if step % machine.log_every == 0 or step == tcfg.steps:
             record = {"step": step, "seconds": time.perf_counter() - t0, "loss": loss.item() * world,  # rank 0's share, scaled
                       "psnr": float(psnr(rgb.detach().clamp(0, 1), batch.images))}
@@ -336,6 +340,29 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         held = evaluate(model, data.subset(held_idx), machine.render_backend)
         metrics.update(heldout_psnr=held["psnr"], heldout_ssim=held["ssim"])
     return TrainResult(_make_avatar(model.cpu(), config, metrics, subject_id), metrics, history)
+
+
+@torch.no_grad()
+def branch_region_mask(means: torch.Tensor, frames: FrameSet, num_attributes: int, dilate: int = 2) -> torch.Tensor:
+    """[A, N] bool: the Gaussians whose centre falls inside attribute a's edit mask (dilated by
+    ``dilate`` px) in any of a's morph frames, whose weights are that mask. An attribute without
+    masked frames keeps every Gaussian."""
+    out = torch.ones(num_attributes, means.shape[0], dtype=torch.bool, device=means.device)
+    h, w = frames.weights.shape[1:]
+    for a in range(num_attributes):
+        index = torch.nonzero(frames.is_morph & (frames.selections[:, a, 1] > 0)).flatten()
+        if len(index) == 0:
+            continue
+        region = torch.nn.functional.max_pool2d(frames.weights[index, None], 2 * dilate + 1, 1, dilate)[:, 0] > 0.5
+        view, K = frames.viewmats[index], frames.Ks[index]
+        cam = means[None] @ view[:, :3, :3].transpose(1, 2) + view[:, None, :3, 3]  # [F, N, 3]
+        uv = (cam @ K.transpose(1, 2))[..., :2] / cam[..., 2:3].clamp_min(1e-6)
+        px, py = uv[..., 0].floor().long(), uv[..., 1].floor().long()
+        valid = (cam[..., 2] > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        frame = torch.arange(len(index), device=means.device)[:, None].expand_as(px)
+        hit = region[frame, py.clamp(0, h - 1), px.clamp(0, w - 1)] & valid
+        out[a] = hit.any(0)
+    return out
 
 
 @torch.no_grad()
