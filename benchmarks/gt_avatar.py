@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -34,9 +35,9 @@ HEADS = ("gaussian", "mesh")
 
 
 def emit(figure: str, value: float, unit: str, config: dict, as_json: bool) -> None:
-    if as_json:
-        print(json.dumps({"figure": figure, "value": round(float(value), 4), "unit": unit, "config": config}),
-              flush=True)
+    if as_json:  # a figure with nothing to measure (e.g. a region never in view) is null, not NaN
+        v = round(float(value), 4) if math.isfinite(float(value)) else None
+        print(json.dumps({"figure": figure, "value": v, "unit": unit, "config": config}), flush=True)
     else:
         print(f"{figure:42s} {value:10.4f} {unit}", flush=True)
 
