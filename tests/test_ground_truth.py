@@ -15,7 +15,7 @@ from perse_ray.bench.ground_truth import (
     YAW_BUCKETS,
     GroundTruthHead,
     Scorer,
-    combined_plan,
+    combined_levels,
     frames_from_head,
     score_avatar,
 )
@@ -62,7 +62,7 @@ def test_configs_the_head_cannot_render_are_refused(head):
 def test_combined_frames_render_every_attribute_at_once(head):
     cfg = load_config("cpu", SMALL + ["synth.combined_frames=2"])
     rows = frames_from_head(head, cfg)
-    plan = combined_plan(cfg)
+    plan = combined_levels(cfg)
     assert [f for f, _ in plan] == [1, 4] and all(set(lv) == {"hair", "beard", "glasses"} for _, lv in plan)
     composed = [r for r in rows if r["also_edits"] is not None]
     assert len(rows) == 5 * (1 + 3 * (2 + 2)) + 2 and len(composed) == 2
@@ -80,7 +80,7 @@ def test_combined_frames_render_every_attribute_at_once(head):
         assert np.abs(_decode(r["image_png"]) - _decode(single["image_png"])).max() > 0.2  # really several edits
         union = np.maximum.reduce([head.region_mask(a, expr, cam, 32) for a in levels])
         assert np.array_equal(_decode(r["mask_png"]), union)
-    assert not combined_plan(load_config("cpu", SMALL))
+    assert not combined_levels(load_config("cpu", SMALL))
 
 
 def test_heldout_yaws_reach_40_degrees_off_the_training_yaws():
@@ -118,6 +118,14 @@ def test_score_avatar_reports_buckets_and_combined_edits(head, trained):
     assert np.isfinite(scores["psnr_combined_edits"]) and 0 < scores["ssim_combined_edits"] <= 1
     assert scorer.combined_levels() == [{"hair": 2.0, "beard": 2.0, "glasses": 2.0},
                                         {"hair": 1.0, "beard": 2.0, "glasses": 1.0}]
+    # Scored combinations are never the trained ones.
+    trained_cfg = load_config("cpu", SMALL + ["synth.combined_frames=4"])
+    trained = [levels for _, levels in combined_levels(trained_cfg)]
+    held = Scorer(head, trained_cfg, "auto").combined_levels()
+    assert len(held) == 2 and not any({a: int(v) for a, v in h.items()} in trained for h in held)
+    every = load_config("cpu", SMALL + ["synth.combined_frames=59", "synth.motion.num_frames=60"])
+    assert len({tuple(lv.items()) for _, lv in combined_levels(every)}) == 8
+    assert Scorer(head, every, "auto").combined_levels() == [{"hair": 1.5, "beard": 1.5, "glasses": 1.5}]
 
 
 def test_region_psnr_is_the_psnr_inside_the_region(head, trained):

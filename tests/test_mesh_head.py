@@ -187,7 +187,7 @@ def test_expressions_deform_the_mesh_where_they_should(head):
 
 
 def test_frames_from_the_mesh_head_validate_and_train():
-    from perse_ray.bench.ground_truth import combined_plan, frames_from_head
+    from perse_ray.bench.ground_truth import combined_levels, frames_from_head
     from perse_ray.config import load_config
     from perse_ray.schema import table_from_rows
     from perse_ray.train.loop import train_avatar
@@ -201,6 +201,6 @@ def test_frames_from_the_mesh_head_validate_and_train():
     assert table.num_rows == len(rows) == 4 * (1 + 2 * 2) + 2
     composed = [r for r in rows if r["also_edits"] is not None]
     assert [(r["frame_index"], {r["attribute"]: r["edit_index"], **r["also_edits"]}) for r in composed] == \
-        combined_plan(cfg)
+        combined_levels(cfg)
     result = train_avatar(rows, cfg, progress=False, subject_id="mesh-head")
     assert np.isfinite(result.history[-1]["loss"])

@@ -27,6 +27,7 @@ from perse_ray.avatar.io import Avatar
 from perse_ray.avatar.losses import psnr, ssim
 from perse_ray.camera import camera_record
 from perse_ray.config import Config
+from perse_ray.synth.edit import combined_levels
 from perse_ray.synth.motion import motion_script
 
 # Held-out yaws reach ±40°, beyond the ±30° of older motion scripts; none is a training yaw (the
@@ -97,15 +98,6 @@ def _check_config(head: GroundTruthHead, config: Config) -> None:
                          f"the config asks for {sorted(unknown)}")
 
 
-def combined_plan(config: Config) -> list[tuple[int, dict[str, float]]]:
-    """(motion-script frame, {attribute: level}) of every combined-edit frame, exactly as synthesis
-    plans them (``perse_ray.synth.edit.combined_levels``: ``synth.combined_frames`` frames evenly
-    spaced over the script, never frame 0, every attribute at a seeded non-source level)."""
-    from perse_ray.synth.edit import combined_levels
-
-    return [(f, {a: float(k) for a, k in levels.items()}) for f, levels in combined_levels(config)]
-
-
 def frames_from_head(head: GroundTruthHead, config: Config, subject_id: str = "procedural-head") -> list[dict]:
     """``frames``-schema rows: per script frame the source, every edit and the morph references; at
     ``synth.combined_frames`` frames also one row with every attribute edited at once."""
@@ -113,7 +105,7 @@ def frames_from_head(head: GroundTruthHead, config: Config, subject_id: str = "p
     res, fov, dist = config.synth.resolution, config.render.fov_deg, config.render.distance
     script = motion_script(config.synth.motion)
     attrs = config.synth.attributes
-    combined = dict(combined_plan(config))
+    combined = dict(combined_levels(config))
     rows = []
     for frame in script:
         cam = camera_record(frame.yaw, frame.pitch, res, res, fov, dist)
@@ -216,11 +208,19 @@ class Scorer:
         return [(e, {}, y, p) for e in edits for y, p in itertools.product(HELDOUT_YAWS, HELDOUT_PITCHES)]
 
     def combined_levels(self) -> list[dict[str, float]]:
-        """Every attribute at a non-source level at once: all at the top level, and an alternation."""
+        """Up to two combinations of every attribute at a non-source level that training never saw
+        (not in ``synth.combined_frames``' plan): all at the top level, an alternation, else the
+        first untrained ones; when every combination was trained, all one half-level below the top."""
         names = list(self.attrs)
+        trained = {tuple(sorted(levels.items())) for _, levels in combined_levels(self.cfg)}
         top = {a: float(self.attrs[a] - 1) for a in names}
         mixed = {a: float(1 + (i % (self.attrs[a] - 1))) for i, a in enumerate(names)}
-        return [top] if mixed == top else [top, mixed]
+        grid = [dict(zip(names, map(float, ks))) for ks in itertools.product(*(range(1, self.attrs[a]) for a in names))]
+        held = []
+        for levels in [top, mixed, *grid]:
+            if tuple(sorted((a, int(v)) for a, v in levels.items())) not in trained and levels not in held:
+                held.append(levels)
+        return held[:2] or [{a: self.attrs[a] - 1.5 for a in names}]
 
 
 def score_views(model, scorer: "Scorer") -> float:
