@@ -14,7 +14,11 @@ timings. Heads: ``gaussian`` (perse_ray/bench/procedural.py, the default) is mad
 the avatar; ``mesh`` (perse_ray/bench/mesh_head.py) is a textured triangle mesh from an example
 portrait, rendered by a z-buffer rasterizer; ``both`` runs one after the other, scored the same way.
 ``--picture`` writes ground truth and avatar side by side at three held-out views, a row per head.
-``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0).
+``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0);
+``--ablate KEY=VALUE`` (repeatable) trains again with that override and prints every figure of that
+run with ``config.ablation`` set, e.g. ``--ablate synth.combined_frames=0``.
+``--also-size 64`` (the default but with ``--quick``) also scores the same avatar rendered at 64×64 against 64×64
+ground truth, figures with ``config.scored_at`` = ``64x64``: the old cpu preset's size, for comparison.
 ``--quick`` uses the ``cpu-smoke`` preset (unless --preset is given): a check that the benchmark
 runs, in seconds; its scores say nothing about quality.
 """
@@ -47,7 +51,8 @@ def unit_of(figure: str) -> str:
 
 
 def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, output: Path | None,
-        progress: bool, head_name: str = "gaussian", picture: list | None = None) -> dict[str, float]:
+        progress: bool, head_name: str = "gaussian", picture: list | None = None,
+        also_size: int = 0) -> dict[str, float]:
     from perse_ray.avatar.io import save_avatar
     from perse_ray.bench.ground_truth import Scorer, frames_from_head, make_head, score_avatar, score_views
     from perse_ray.bench.ground_truth import picture as side_by_side
@@ -86,7 +91,17 @@ def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, outp
     scores.update(train_seconds=train_seconds, steps_per_second=cfg.train.steps / max(train_seconds, 1e-9),
                   data_seconds=data_seconds, eval_seconds=eval_seconds, num_frames=len(rows),
                   num_gaussians=cfg.avatar.num_gaussians, resolution=cfg.render.width)
+    if also_size and also_size != cfg.render.width:
+        small = load_config(preset, overrides + [f"render.width={also_size}", f"render.height={also_size}"])
+        at = score_avatar(result.avatar, head, small, scorer=Scorer(head, small, cfg.machine.render_backend))
+        for figure, value in at.items():
+            emit(figure, value, unit_of(figure), {**info, "scored_at": f"{also_size}x{also_size}"}, as_json)
     return scores, info
+
+
+def _unit(figure: str) -> str:
+    return {"steps_per_second": "steps/s", "num_frames": "frames", "num_gaussians": "gaussians",
+            "resolution": "px"}.get(figure, unit_of(figure))
 
 
 def write_picture(path: Path, rows: list) -> None:
@@ -124,6 +139,10 @@ def main(argv=None) -> int:
                    help="ground-truth head: gaussian (default), mesh (textured triangles) or both")
     p.add_argument("--ablation", action="store_true",
                    help="also train without the interpolation regularization and report the midpoint gap")
+    p.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
+                   help="also train with this override and print that run's figures (repeatable)")
+    p.add_argument("--also-size", type=int, default=None, metavar="PX",
+                   help="also score the avatar rendered at PX x PX (default 64, off with --quick; 0: off)")
     p.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
                    help="score held-out views every STEPS steps (PSNR vs training time)")
     p.add_argument("--output", type=Path, help="save the trained avatar here")
@@ -132,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     args.preset = args.preset or ("cpu-smoke" if args.quick else "cpu")
+    args.also_size = (0 if args.quick else 64) if args.also_size is None else args.also_size
     if args.picture is not None and args.picture.suffix.lower() != ".png":
         p.error(f"--picture must name a .png file, got {str(args.picture)!r}")
 
@@ -141,11 +161,13 @@ def main(argv=None) -> int:
     info = {}
     for head in heads:
         scores, info = run(args.preset, args.overrides, args.curve_every, args.json, args.output,
-                           not args.no_progress, head, pictures)
+                           not args.no_progress, head, pictures, args.also_size)
         for figure, value in scores.items():
-            unit = {"steps_per_second": "steps/s", "num_frames": "frames", "num_gaussians": "gaussians",
-                    "resolution": "px"}.get(figure, unit_of(figure))
-            emit(figure, value, unit, info, args.json)
+            emit(figure, value, _unit(figure), info, args.json)
+        for override in args.ablate:
+            ablated, _ = run(args.preset, args.overrides + [override], 0, args.json, None, not args.no_progress, head)
+            for figure, value in ablated.items():
+                emit(figure, value, _unit(figure), {**info, "ablation": override}, args.json)
         if args.ablation:
             ablated, _ = run(args.preset, args.overrides + ["train.lambda_interp=0"], 0, args.json, None,
                              not args.no_progress, head)
