@@ -6,7 +6,8 @@ Pure functions over an ``Avatar`` (no Ray). Figures:
   person); ``identity_detected`` is the fraction of views where the detector found the face. Where
   it does not (large yaw, a soft render), the face is cut at the source landmarks moved to that
   view as the animator moves them — the synthesis identity filter's fallback; a view with neither
-  scores 0.
+  scores 0. ``identity_yaw_<deg>`` (e.g. ``identity_yaw_m40``, ``identity_yaw_30``) is each view's
+  score, so wide turns can be compared with the near-frontal ones.
 - ``smoothness_<attribute>``: the largest per-step image change along the slider divided by the
   mean step (1.0 = perfectly even; a jump makes it large).
 - ``leakage_<attribute>``: mean pixel change outside the attribute's edit mask when only its
@@ -29,8 +30,8 @@ from PIL import Image
 
 from perse_ray.avatar.io import Avatar, load_avatar
 
-IDENTITY_YAWS = (-30.0, -15.0, 0.0, 15.0, 30.0)
-FIGURES_VERSION = 2  # part of the cache key and file name: raise it when a figure's definition changes
+IDENTITY_YAWS = (-40.0, -30.0, -15.0, 0.0, 15.0, 30.0, 40.0)
+FIGURES_VERSION = 3  # part of the cache key and file name: raise it when a figure's definition changes
 SLIDER_STEPS = 16
 
 
@@ -90,6 +91,7 @@ def evaluate_avatar(avatar: Avatar, *, face_model=None, source_embedding: np.nda
             emb, how = embed_frame(face_model, _u8(view), known)
             found += how == "detector"
             scores.append(face_model.id_score(np.asarray(source_embedding), emb) if emb is not None else 0.0)
+            out[f"identity_yaw_{'m' if yaw < 0 else ''}{abs(yaw):.0f}"] = float(scores[-1])
         out.update(identity_mean=float(np.mean(scores)), identity_min=float(np.min(scores)),
                    identity_detected=found / len(IDENTITY_YAWS))
     for a in layout.attributes:

@@ -181,7 +181,8 @@ def test_identity_falls_back_to_the_moved_source_landmarks(trained):
                               size=32)
     assert figures["identity_detected"] == 0.0
     assert figures["identity_mean"] == figures["identity_min"] == 0.75  # every view scored, via landmarks
-    left, front, right = (np.asarray(faces.boxes[i]) for i in (0, 2, 4))  # yaw -30, 0, +30
+    assert figures["identity_yaw_m40"] == figures["identity_yaw_0"] == figures["identity_yaw_40"] == 0.75
+    left, front, right = (np.asarray(faces.boxes[i]) for i in (1, 3, 5))  # yaw -30, 0, +30
     assert np.allclose(front, [*landmarks.min(0), *landmarks.max(0)], atol=0.5)  # yaw 0: the portrait's face
     assert abs(left[0] - right[0]) > 1.0  # turned views cut the face where it moved
     without = evaluate_avatar(avatar, face_model=_NoDetectionFaces(), source_embedding=np.ones(4), size=32)
