@@ -7,7 +7,9 @@
 The frames are the procedural head's (perse_ray.bench), the model is the preset's. Each part is
 timed alone on the same batch, with its inputs made leaves so the backward of one part does not
 include another's: decoder (latents → Gaussians), rasterize (Gaussians → image), loss
-(L1 + SSIM), then one whole step exactly as ``train_avatar`` takes it (including Adam). The
+(L1 + SSIM), then one whole step exactly as ``train_avatar`` takes it (including Adam). With
+``avatar.branch_regions`` the attribute branches run on the Gaussians inside their edit masks, set
+from the head's frames as training sets them (``region_fraction`` in the config). The
 parts' sum is close to the step, not equal: the step shares work between them. Every figure is
 the median of --repeats timings after two warm-up steps, on one thread unless OMP_NUM_THREADS
 says otherwise. ``--quick``: the cpu-smoke preset at its own sizes, 5 repeats (seconds).
@@ -47,8 +49,9 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def profile(cfg, rows, repeats: int) -> dict[str, float]:
-    """Milliseconds per part for one batch of ``train.batch_size`` frames."""
+def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
+    """Milliseconds per part for one batch of ``train.batch_size`` frames (``config_note`` gets the
+    share of Gaussians each attribute branch runs on, with branch regions)."""
     layout = LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim)
     frames = frameset_from_rows(rows, layout, cfg.render.width, cfg.render.height)
     gen = torch.Generator().manual_seed(0)
@@ -56,6 +59,11 @@ def profile(cfg, rows, repeats: int) -> dict[str, float]:
     model = AvatarModel(layout, cfg.avatar, seed=0)
     for p in model.decoder.parameters():  # trained-like, not the zero-initialised output layer
         torch.nn.init.normal_(p, std=0.05)
+    if getattr(cfg.avatar, "branch_regions", False):  # as training sets them from the edit masks
+        from perse_ray.train.loop import branch_region_mask
+
+        model.set_branch_regions(branch_region_mask(model.means, frames, len(layout.attributes)))
+        config_note["region_fraction"] = round(float(model.branch_regions.float().mean()), 3)
     optimizer = torch.optim.Adam(_param_groups(model, cfg.train), eps=1e-15)
     backend, tcfg = cfg.machine.render_backend, cfg.train
     w, h = cfg.render.width, cfg.render.height
@@ -129,7 +137,7 @@ def main(argv=None) -> int:
                                                         f"avatar.num_gaussians={n}"])
             config = {"preset": preset, "size": size, "num_gaussians": n, "batch_size": cfg.train.batch_size,
                       "threads": torch.get_num_threads(), "repeats": repeats, "overrides": args.overrides}
-            for part, ms in profile(cfg, rows, repeats).items():
+            for part, ms in profile(cfg, rows, repeats, config).items():
                 if args.json:
                     print(json.dumps({"figure": f"step_ms_{part}", "value": round(ms, 3), "unit": "ms",
                                       "config": config}), flush=True)
