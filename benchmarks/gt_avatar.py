@@ -13,7 +13,8 @@ its region for the combined and the matching single edit, and their gap), per-at
 timings. Heads: ``gaussian`` (perse_ray/bench/procedural.py, the default) is made of Gaussians like
 the avatar; ``mesh`` (perse_ray/bench/mesh_head.py) is a textured triangle mesh from an example
 portrait, rendered by a z-buffer rasterizer; ``both`` runs one after the other, scored the same way.
-``--picture`` writes ground truth and avatar side by side at three held-out views, a row per head.
+``--picture`` writes ground truth and avatar side by side at three held-out views, then at every
+attribute's top level at once (the combined edit), a row per head.
 ``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0);
 ``--ablate KEY=VALUE`` (repeatable) trains again with that override and prints every figure of that
 run with ``config.ablation`` set, e.g. ``--ablate synth.combined_frames=0``.

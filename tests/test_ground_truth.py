@@ -17,6 +17,7 @@ from perse_ray.bench.ground_truth import (
     Scorer,
     combined_levels,
     frames_from_head,
+    picture,
     score_avatar,
 )
 from perse_ray.bench.procedural import ProceduralHead
@@ -118,6 +119,9 @@ def test_score_avatar_reports_buckets_and_combined_edits(head, trained):
     assert np.isfinite(scores["psnr_combined_edits"]) and 0 < scores["ssim_combined_edits"] <= 1
     assert scorer.combined_levels() == [{"hair": 2.0, "beard": 2.0, "glasses": 2.0},
                                         {"hair": 1.0, "beard": 2.0, "glasses": 1.0}]
+    img = picture(avatar, scorer)  # GT | avatar at 3 held-out views, then the combined edit
+    assert img.shape == (24, 24 * 2 * 4, 3)
+    assert np.allclose(img[:, 6 * 24:7 * 24], scorer.target(scorer.combined_levels()[0], {}, 0.0, 0.0).numpy())
     # Scored combinations are never the trained ones.
     trained_cfg = load_config("cpu", SMALL + ["synth.combined_frames=4"])
     trained = [levels for _, levels in combined_levels(trained_cfg)]

@@ -292,9 +292,13 @@ def score_avatar(avatar: Avatar, head: GroundTruthHead, config: Config, backend:
 
 
 def picture(avatar: Avatar, scorer: Scorer, poses=PICTURE_POSES) -> np.ndarray:
-    """[h, 2 * len(poses) * w, 3] in [0, 1]: ground truth and avatar side by side at held-out views."""
+    """[h, 2 * (len(poses) + 1) * w, 3] in [0, 1]: ground truth and avatar side by side at held-out
+    views of the source, then once with every attribute at its top level (the combined edit)."""
+    cases = [({}, yaw, pitch) for yaw, pitch in poses]
+    if len(scorer.attrs) > 1:
+        cases.append((scorer.combined_levels()[0], *COMBINED_POSES[0]))
     tiles = []
-    for yaw, pitch in poses:
-        tiles.append(scorer.target({}, {}, yaw, pitch).numpy())
-        tiles.append(scorer.predict(avatar, {}, {}, yaw, pitch).numpy())
+    for values, yaw, pitch in cases:
+        tiles.append(scorer.target(values, {}, yaw, pitch).numpy())
+        tiles.append(scorer.predict(avatar, values, {}, yaw, pitch).numpy())
     return np.concatenate(tiles, 1)
