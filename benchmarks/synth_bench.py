@@ -16,7 +16,13 @@ backends that ran (faces, editor, animator, morpher: the classes the stages load
 The default preset is ``cpu-smoke`` (dlib faces, the classical editor and animator, exact morphs at
 the smallest sizes); ``tiny`` runs the random-weight twins of the ``gpu`` preset's diffusion
 loaders, which produce noise: throughput figures either way, never quality. ``--quick``: 2
-subjects, 1 run per actor count (about a minute; no median).
+subjects, 1 run per actor count (about a minute; no median). ``--no-ray`` measures only the
+in-process figure below.
+
+``synth_subject_cpu_s`` (and ``synth_subject_stage_cpu_s`` per stage): process CPU seconds to
+synthesize one subject in this process, without Ray: the edit, animate and morph stage functions
+over the whole motion script with the preset's backends (``--frames`` as above), the cost per
+subject that the actors divide among themselves.
 """
 
 from __future__ import annotations
@@ -70,6 +76,35 @@ def backends(cfg) -> dict[str, str]:
     return out
 
 
+def subject_cpu_seconds(cfg, folder: Path) -> dict[str, float]:
+    """Process CPU seconds per stage to synthesize the first portrait of ``folder`` in-process."""
+    from perse_ray.faces import align, load_face_model
+    from perse_ray.synth.animate import animate_frame
+    from perse_ray.synth.backends import load_animator, load_editor, load_morpher
+    from perse_ray.synth.edit import edit_subject
+    from perse_ray.synth.morph import morph_frame
+    from perse_ray.synth.motion import motion_script
+    from PIL import Image
+
+    image = np.asarray(Image.open(sorted(folder.iterdir())[0]).convert("RGB"))
+    faces = load_face_model(cfg.faces)
+    portrait, landmarks, _ = align(image, faces.detect(image)[0], cfg.synth.resolution)
+    editor, animator, morpher = load_editor(cfg), load_animator(cfg), load_morpher(cfg)
+    singles = 1 + sum(len(a.edits) for a in cfg.synth.attributes)  # composed edits come after these
+    times = {"edit": 0.0, "animate": 0.0, "morph": 0.0}
+    t = time.process_time()
+    edits = edit_subject("bench", portrait, landmarks, editor, cfg)[:singles]
+    times["edit"] = time.process_time() - t
+    for frame in motion_script(cfg.synth.motion):
+        t = time.process_time()
+        animated = animate_frame("bench", edits, landmarks, frame, animator, cfg)
+        times["animate"] += time.process_time() - t
+        t = time.process_time()
+        morph_frame("bench", portrait, landmarks, animated, frame, morpher, cfg)
+        times["morph"] += time.process_time() - t
+    return times
+
+
 def run_once(cfg, candidates) -> dict:
     start = time.perf_counter()
     arrivals: list[tuple[float, int]] = []
@@ -103,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=8, help="motion frames per edit")
     p.add_argument("--repeats", type=int, default=None, help="runs per actor count (default 3)")
     p.add_argument("--batch-size", type=int, default=2, help="machine.synth_batch_size")
+    p.add_argument("--no-ray", action="store_true", help="only the in-process per-subject figure")
     args = p.parse_args(argv)
     args.subjects = args.subjects or (QUICK["subjects"] if args.quick else 6)
     args.repeats = args.repeats or (QUICK["repeats"] if args.quick else 3)
@@ -116,8 +152,23 @@ def main(argv: list[str] | None = None) -> int:
 
     base = [f"synth.motion.num_frames={args.frames}", f"machine.synth_batch_size={args.batch_size}"]
     configs = {n: load_config(args.preset, base + [f"machine.actors_per_stage={n}"]) for n in (1, 2)}
+    conf = {"preset": args.preset, "backends": backends(configs[1]), "subjects": args.subjects,
+            "motion_frames": args.frames, "frames_per_subject": frames_per_subject(configs[1]),
+            "synth_batch_size": args.batch_size, "repeats": args.repeats, "quick": args.quick,
+            "cpus": os.cpu_count(), "device": "cpu"}
     with tempfile.TemporaryDirectory() as tmp:
         write_portraits(Path(tmp) / "in", args.subjects)
+        per_stage = subject_cpu_seconds(configs[1], Path(tmp) / "in")
+        subject_lines = [{"figure": "synth_subject_cpu_s", "value": round(sum(per_stage.values()), 3),
+                          "unit": "s CPU per subject (in-process)", "config": conf}]
+        subject_lines += [{"figure": "synth_subject_stage_cpu_s", "value": round(v, 3),
+                           "unit": "s CPU per subject (in-process)", "config": {**conf, "stage": k}}
+                          for k, v in per_stage.items()]
+        if args.no_ray:
+            for line in subject_lines:
+                print(json.dumps(line) if args.json else f"{line['figure']:<36} {line['value']:>10} "
+                      f"{line['unit']:<24} {line['config'].get('stage', '')}", flush=True)
+            return 0
         candidates = discover_subjects(Path(tmp) / "in").candidates
         ray.init(num_cpus=local_num_cpus(configs[2]), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
@@ -133,13 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             ray.shutdown()
 
-    conf = {"preset": args.preset, "backends": backends(configs[1]), "subjects": args.subjects,
-            "motion_frames": args.frames, "frames_per_subject": frames_per_subject(configs[1]),
-            "synth_batch_size": args.batch_size, "repeats": args.repeats, "quick": args.quick,
-            "cpus": os.cpu_count(), "device": "cpu"}
     fps = {n: statistics.median(r["steady_fps"] for r in results[n]) for n in (1, 2)}
     lines = [{"figure": f"synth_steady_frames_per_s_{n}_actor", "value": round(fps[n], 3), "unit": "frames/s",
               "config": {**conf, "actors_per_stage": n}} for n in (1, 2)]
+    lines += subject_lines
     lines.append({"figure": "synth_speedup_2_vs_1_actors", "value": round(fps[2] / fps[1], 3), "unit": "ratio",
                   "config": conf})
     for n in (1, 2):

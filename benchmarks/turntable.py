@@ -10,9 +10,8 @@ portrait, one column per yaw). Prints JSON lines (a table without --json) per po
 - ``id_distance``: dlib embedding distance to the aligned source (the identity filter's figure);
 - ``sharpness_near`` / ``sharpness_far``: mean gradient magnitude of the frame's cheek on the side
   the turn reveals (near: the image side the camera moves to) and on the side it turns away, over
-  the same cheek's in the front view (1 = as sharp as the portrait; a stretched cheek is smoother);
-- ``stretched_fraction``: share of the face's pixels whose texture is magnified more than 2x
-  (the sampling map's area ratio, from warping the pixel coordinates like an edit mask).
+  the same cheek's in the front view (1 = as sharp as the portrait; a stretched cheek is smoother,
+  a compressed one sharper).
 ``--quick``: the first two portraits, 5 yaws. No Ray needed.
 """
 
@@ -63,18 +62,6 @@ def gradient_magnitude(image: np.ndarray) -> np.ndarray:
     grey = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY).astype(np.float32)
     gx, gy = cv2.Sobel(grey, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(grey, cv2.CV_32F, 0, 1, ksize=3)
     return np.hypot(gx, gy)
-
-
-def magnification(animator, portrait: np.ndarray, landmarks: np.ndarray, frame) -> np.ndarray:
-    """Per-pixel area magnification of the texture, from the source coordinates warped like a mask."""
-    size = portrait.shape[0]
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    sx = animator.animate(portrait, landmarks, frame, 0, xs)[3]
-    sy = animator.animate(portrait, landmarks, frame, 0, ys)[3]
-    jxx, jxy = np.gradient(sx, axis=1), np.gradient(sx, axis=0)
-    jyx, jyy = np.gradient(sy, axis=1), np.gradient(sy, axis=0)
-    det = np.abs(jxx * jyy - jxy * jyx)
-    return 1.0 / np.maximum(det, 1e-6)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,20 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             cheeks = cheek_masks(moved, size)
             near = 1 if yaw > 0 else 0  # +yaw: the camera moves to the image right
             sharp = [grad[cheeks[s]].mean() / max(front_grad[front_cheeks[s]].mean(), 1e-6) for s in (near, 1 - near)]
-            face = cheeks[0] | cheeks[1]
-            mag = magnification(animator, portrait, lm, frame)
-            entry = by_abs.setdefault(round(abs(float(yaw)), 1), {"id": [], "near": [], "far": [], "stretch": []})
+            entry = by_abs.setdefault(round(abs(float(yaw)), 1), {"id": [], "near": [], "far": []})
             entry["id"].append(float(np.linalg.norm(source_emb - emb)) if emb is not None else np.nan)
             entry["near"].append(sharp[0])
             entry["far"].append(sharp[1])
-            entry["stretch"].append(float((mag[face] > 2.0).mean()))
         rows.append(np.concatenate(row, axis=1))
         for a, e in sorted(by_abs.items()):
             labels = {"subject": path.stem, "abs_yaw": a}
             emit("id_distance", np.nanmean(e["id"]), "embedding L2 (dlib)", info, **labels)
             emit("sharpness_near", np.mean(e["near"]), "ratio to front view", info, **labels)
             emit("sharpness_far", np.mean(e["far"]), "ratio to front view", info, **labels)
-            emit("stretched_fraction", np.mean(e["stretch"]), "ratio of cheek pixels", info, **labels)
     if not rows:
         raise SystemExit(f"no portrait with a face in {args.input}")
     args.output.mkdir(parents=True, exist_ok=True)

@@ -41,19 +41,33 @@ class ClassicalEditor:
 
 
 class _LRU:
-    """A small least-recently-used map: the stages' per-subject and per-frame caches."""
+    """A small least-recently-used map, bounded by entries or by bytes (``size_of``): the stages'
+    per-subject and per-frame caches."""
 
-    def __init__(self, capacity: int):
-        self.capacity, self.items = capacity, OrderedDict()
+    def __init__(self, capacity: int, size_of=lambda value: 1):
+        self.capacity, self.size_of, self.items, self.used = capacity, size_of, OrderedDict(), 0
 
     def get(self, key, make):
         if key in self.items:
             self.items.move_to_end(key)
-            return self.items[key]
-        value = self.items[key] = make()
-        if len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+            return self.items[key][0]
+        value = make()
+        cost = self.size_of(value)
+        self.items[key] = (value, cost)
+        self.used += cost
+        while self.used > self.capacity and len(self.items) > 1:
+            _, (_, old) = self.items.popitem(last=False)
+            self.used -= old
         return value
+
+
+def _warp_bytes(warp) -> int:
+    arrays = [warp.map_xy, warp.valid, warp.landmarks, warp.gap, warp.gap_colour, *sum(warp.layers, ())]
+    return sum(a.nbytes for a in arrays)
+
+
+def _edit_bytes(edit) -> int:
+    return sum(np.asarray(a).nbytes for a in edit)
 
 
 def _frame_key(frame: MotionFrame) -> tuple:
@@ -68,11 +82,11 @@ class ClassicalAnimator:
     ``animator.animate``)."""
 
     MESHES = 8  # subjects
-    WARPS = 96  # (subject, frame) pairs: a whole cpu motion script and then some
+    WARP_BYTES = 64 << 20  # ~100 frames' warps at 128 px: a whole cpu motion script and then some
 
     def __init__(self, cfg: Config):
         self.camera = Camera(cfg.render.fov_deg, cfg.render.distance)
-        self._meshes, self._warps = _LRU(self.MESHES), _LRU(self.WARPS)
+        self._meshes, self._warps = _LRU(self.MESHES), _LRU(self.WARP_BYTES, _warp_bytes)
 
     def warp(self, landmarks: np.ndarray, size: int, frame: MotionFrame):
         lm = np.ascontiguousarray(landmarks, np.float64)
@@ -102,11 +116,11 @@ class ExactMorpher:
     animator's cached warps animate it at every frame.
     """
 
-    EDITS = 32  # a subject's morph levels (attributes x pairs x alphas) several times over
+    EDIT_BYTES = 16 << 20  # a subject's morph levels (attributes x pairs x alphas) at 128 px, several times
 
     def __init__(self, cfg: Config):
         self.animator = ClassicalAnimator(cfg)
-        self._edits = _LRU(self.EDITS)
+        self._edits = _LRU(self.EDIT_BYTES, _edit_bytes)
 
     def morph(self, source: np.ndarray, landmarks: np.ndarray, attribute: str, spec_from: EditSpec | None,
               spec_to: EditSpec | None, alpha: float, frame: MotionFrame, frame_from: np.ndarray,

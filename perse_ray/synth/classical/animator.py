@@ -12,8 +12,13 @@ landmarks to a generic face profile, forehead and scalp onto an ellipsoid. A ``M
    tears),
 3. renders the mesh with a z-buffer (back faces lose) as a piecewise-affine backward warp of the
    source; inside the lips the portrait's own mouth interior splits between the lips and the
-   newly opened gap is painted (dark throat, teeth).
-The same landmarks and frame give the same warp, so every edit of a subject animates pixel-aligned.
+   newly opened gap is painted (dark throat, teeth);
+4. completes what the portrait saw badly: a face triangle the target magnifies whose left-right
+   mirror image the portrait saw clearly larger (a portrait turned away from that side) blends in
+   the mirror image, weighted by how much better it was seen, continuously across the face.
+The same landmarks and frame give the same warp, so every edit of a subject animates pixel-aligned:
+``build_mesh`` (per subject) and ``frame_warp`` (per frame) do everything but the sampling, which
+``apply_warp`` does for each image; ``animate`` is the three in one.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from perse_ray.camera import Camera
-from perse_ray.geometry import (  # noqa: F401  (re-exported: the animator's geometry, backend-neutral)
+# The head geometry is backend-neutral; EXPRESSIONS, landmarks_in_world and move_landmarks are
+# named here too for code that imported them from the animator.
+from perse_ray.geometry import (  # noqa: F401
     EXPRESSIONS,
     HEAD_CENTRE,
     HEAD_RADII,
@@ -330,7 +337,8 @@ def _completion_weight(stretch: np.ndarray, completed_stretch: np.ndarray) -> np
     """Per triangle: the share of a completion where the direct sample is stretched and the
     completion's is clearly less so."""
     gain = stretch / np.maximum(completed_stretch, 1e-6)
-    return _smoothstep((stretch - COMPLETE_STRETCH) / COMPLETE_RAMP) * _smoothstep((gain - COMPLETE_GAIN) / COMPLETE_RAMP)
+    return (_smoothstep((stretch - COMPLETE_STRETCH) / COMPLETE_RAMP)
+            * _smoothstep((gain - COMPLETE_GAIN) / COMPLETE_RAMP))
 
 
 def frame_warp(mesh: _Mesh, frame: MotionFrame) -> Warp:
