@@ -43,7 +43,7 @@ def _need(path_or_none, what: str):
 
 
 def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0) -> AvatarModel:
-    """A model with random (not zero) decoder outputs, so every branch moves every parameter."""
+    """A model with random (not zero) decoder outputs, so every branch moves every parameter in its region."""
     cfg = load_config("cpu-smoke", [f"avatar.num_gaussians={num_gaussians}",
                                     f"avatar.hidden_layers={hidden_layers}"])
     layout = LatentLayout.from_config(cfg.synth, 4)
@@ -57,6 +57,8 @@ def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0) -> Avat
         for code in model.codes.values():
             code.copy_(torch.randn(code.shape, generator=g))
         model.color_logits.copy_(torch.randn(model.color_logits.shape, generator=g))
+        # Attribute branches restricted to random regions, as training restricts them to edit masks.
+        model.set_branch_regions(torch.rand(model.branch_regions.shape, generator=g) < 0.6)
     return model.eval()
 
 

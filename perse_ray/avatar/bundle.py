@@ -10,7 +10,8 @@ Layout (all little-endian)::
 
 The sections are the canonical Gaussians (means, quats, log_scales, opacity_logits, color_logits,
 features), every attribute's code table (row 0 = the source, zeros) and the decoder's weights per
-branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``); the learned backdrop when
+branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``branch_regions`` [branches, N]
+(1 where a branch acts on a Gaussian, 0 where it adds nothing); the learned backdrop when
 the avatar has one. The decoder is stored as weights rather than precomputed tables: a branch's
 output depends non-linearly on its code, so a table would only be exact at the edit codes.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 MAGIC = b"PRWB"
 BUNDLE_FORMAT = "perse-ray-web-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: branch_regions
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # a 50k-Gaussian gpu-preset avatar is ~10 MB
 MAX_HEADER_BYTES = 1024 * 1024
 _PREFIX = struct.Struct("<4sII")
@@ -55,6 +56,8 @@ class WebBundle:
 
 def _sections(model) -> dict[str, np.ndarray]:
     """The model's public state as float32 arrays, named as in the bundle."""
+    import torch
+
     def f32(t):
         return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
 
@@ -68,6 +71,11 @@ def _sections(model) -> dict[str, np.ndarray]:
     for i, (w, b) in enumerate(zip(dec.w_hidden, dec.b_hidden)):
         out[f"w_hidden.{i}"], out[f"b_hidden.{i}"] = f32(w), f32(b)
     out.update(w_out=f32(dec.w_out), b_out=f32(dec.b_out))
+    # 1 where a branch acts on a Gaussian, 0 where it adds nothing (row 0: the expression branch).
+    regions = torch.ones(len(dec.branch_dims), model.means.shape[0])
+    if getattr(model, "branch_regions", None) is not None:
+        regions[1:] = model.branch_regions.float()
+    out["branch_regions"] = f32(regions)
     if model.backdrop is not None:
         out["backdrop"] = f32(model.backdrop)
     return out
@@ -133,7 +141,7 @@ def _expected_shapes(h: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     shapes.update(w_gauss=(nb, g_dim, hid), w_z=(nb, zmax, hid), b_in=(nb, hid))
     for i in range(d["hidden_layers"] - 1):
         shapes[f"w_hidden.{i}"], shapes[f"b_hidden.{i}"] = (nb, hid, hid), (nb, hid)
-    shapes.update(w_out=(nb, hid, out_dim), b_out=(nb, out_dim))
+    shapes.update(w_out=(nb, hid, out_dim), b_out=(nb, out_dim), branch_regions=(nb, n))
     return shapes
 
 
@@ -283,7 +291,7 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
         x = _silu(gauss_in @ a["w_gauss"][b] + (zb @ a["w_z"][b, :len(zb)] + a["b_in"][b]))
         for i in range(h["hidden_layers"] - 1):
             x = _silu(x @ a[f"w_hidden.{i}"][b] + a[f"b_hidden.{i}"][b])
-        out = x @ a["w_out"][b] + a["b_out"][b]
+        out = (x @ a["w_out"][b] + a["b_out"][b]) * a["branch_regions"][b][:, None]
         total = out if total is None else total + out
     d, at = {}, 0
     for name, c, unit in h["outputs"]:

@@ -2,7 +2,7 @@
 // Pure ES module with no DOM use, so Node runs the same code in the tests.
 
 export const MAGIC = "PRWB";
-export const BUNDLE_VERSION = 1;
+export const BUNDLE_VERSION = 2;
 export const MAX_BUNDLE_BYTES = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES = 1024 * 1024;
 const OUTPUTS = [["mean", 3], ["quat", 4], ["scale", 3], ["opacity", 1], ["color", 3]];
@@ -17,7 +17,7 @@ function expectedShapes(h) {
   const g = d.feature_dim + 3 + 6 * d.pos_freqs;
   const shapes = { means: [n, 3], quats: [n, 4], log_scales: [n, 3], opacity_logits: [n], color_logits: [n, 3],
     features: [n, d.feature_dim], w_gauss: [nb, g, hid], w_z: [nb, zmax, hid], b_in: [nb, hid],
-    w_out: [nb, hid, 14], b_out: [nb, 14] };
+    w_out: [nb, hid, 14], b_out: [nb, 14], branch_regions: [nb, n] };
   for (const a of h.layout.attributes) shapes[`codes.${a.name}`] = [a.edit_labels.length, a.code_dim];
   for (let i = 0; i < d.hidden_layers - 1; i++) {
     shapes[`w_hidden.${i}`] = [nb, hid, hid];
@@ -193,10 +193,11 @@ export class Decoder {
     }
     const wOut = a.w_out.subarray(b * H * OUT, (b + 1) * H * OUT), bOut = a.b_out.subarray(b * OUT, (b + 1) * OUT);
     const out = this.outputs[b] || new Float32Array(n * OUT);
-    const gp = this.gproj[b];
+    const gp = this.gproj[b], region = a.branch_regions.subarray(b * n, (b + 1) * n);
     let h = new Float32Array(H), h2 = new Float32Array(H);
     const acc = new Float64Array(Math.max(H, OUT));
     for (let i = 0; i < n; i++) {
+      if (region[i] === 0) { out.fill(0, i * OUT, (i + 1) * OUT); continue; } // outside the branch's region
       const off = i * H;
       for (let j = 0; j < H; j++) h[j] = silu(gp[off + j] + cf[j]);
       for (let l = 0; l < hiddenW.length; l++) {
