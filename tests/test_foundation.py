@@ -93,7 +93,8 @@ def test_stage_hashes_cover_what_each_stage_computes():
 
 @pytest.mark.parametrize("preset, overrides, old_hash", [
     # what Config.hash() gave for these configs before stage hashes existed (so old outputs are reused)
-    ("cpu", [], "d3b38af9a8bb"), ("cpu-smoke", [], "9d644ad4affe"), ("tiny", [], "70028c281c0c"),
+    ("cpu", ["avatar.num_gaussians=4000", "render.width=64", "render.height=64", "train.coarse_fraction=0"],
+     "d3b38af9a8bb"), ("cpu-smoke", [], "9d644ad4affe"), ("tiny", [], "70028c281c0c"),
     ("gpu", [], "0082c5352d88"), ("cpu-smoke", ["train.steps=130", "machine.device=cpu"], "7ec36cf37c5c"),
 ])
 def test_legacy_hash_reproduces_the_single_hash_of_older_outputs(preset, overrides, old_hash):

@@ -248,8 +248,8 @@ def test_resources_and_model_checks():
     # the hang measured on a 1 + 2 CPU cluster: 5 cpu-smoke actors took 2.5 CPUs, no task could run
     with pytest.raises(RuntimeError, match="synthesis needs 3.5 CPU .*, the cluster has 3"):
         check_resources(load_config("cpu-smoke"), {"CPU": 3.0})
-    cpu = load_config("cpu")  # 3 attributes × 2 edits, 2 morph alphas per adjacent pair
-    assert frames_per_subject(cpu) == cpu.synth.motion.num_frames * (1 + 6 + 6 * 2)
+    cpu = load_config("cpu")  # 3 attributes × 2 edits, 2 morph alphas per adjacent pair, 12 combined frames
+    assert frames_per_subject(cpu) == cpu.synth.motion.num_frames * (1 + 6 + 6 * 2) + 12
     assert resolve_models(load_config("cpu")).synth.edit_model == "timbrooks/instruct-pix2pix"  # unused: untouched
     with pytest.raises(ModelNotFoundError, match="/missing/ip2p"):
         resolve_models(load_config("gpu", ["synth.edit_model=/missing/ip2p"]))
