@@ -364,8 +364,9 @@ def frame_warp(mesh: _Mesh, frame: MotionFrame) -> Warp:
     shown = stretch[tid]  # magnification of the texture shown, blended like the texture
     layers = []
     w_mirror = share(_mirror_weight(mesh, area, back), mesh.symmetric)
-    layers.append((sample(mesh.mirror_src), w_mirror))
-    shown = (1 - w_mirror) * shown + w_mirror * (np.abs(area) / np.maximum(mesh.mirror_area, 1e-6))[tid]
+    if np.any(w_mirror > 0):
+        layers.append((sample(mesh.mirror_src), w_mirror))
+        shown = (1 - w_mirror) * shown + w_mirror * (np.abs(area) / np.maximum(mesh.mirror_area, 1e-6))[tid]
     invalid = ~covered | back[tid] | ((shown > STRETCH_INVALID) & ~mesh.cavity[tid])
     gap = np.zeros(size * size, bool)
     gap_colour = np.zeros((0, 3), np.uint8)
