@@ -38,6 +38,7 @@ VENDOR_FILES = {
     "spark/spark.module.js": "@sparkjsdev/spark/dist/spark.module.js",
 }
 BUNDLE_CACHE = 8  # bundles kept in memory per ingress replica
+BUNDLE_CACHE_BYTES = 128 * 1024 * 1024  # and at most this many bytes of them
 BUNDLE_RESPONSES = {200: {"content": {"application/octet-stream": {}},
                           "description": "the web bundle (perse_ray/avatar/bundle.py)"},
                     304: {"description": "not modified (If-None-Match)"}}
@@ -71,7 +72,8 @@ class BundleCache:
         with self._lock:
             self.builds += 1
             self._items[key] = item
-            while len(self._items) > self.size:
+            while len(self._items) > self.size or (
+                    len(self._items) > 1 and sum(len(d) for d, _ in self._items.values()) > BUNDLE_CACHE_BYTES):
                 self._items.popitem(last=False)
         return item
 

@@ -102,8 +102,14 @@ def _png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
+def _client_shot(page) -> np.ndarray:
+    """The browser-mode picture: backdrop + splat canvases as composited, SIDE x SIDE pixels."""
+    box = page.locator("#client-stage").bounding_box()
+    return _png(page.screenshot(clip={"x": round(box["x"]), "y": round(box["y"]), "width": SIDE, "height": SIDE}))
+
+
 def _image(page, mode: str) -> np.ndarray:
-    return _png(page.locator("#view" if mode == "server" else "#client-stage").screenshot())
+    return _png(page.locator("#view").screenshot()) if mode == "server" else _client_shot(page)
 
 
 def _wait_for_new_image(page, previous_seq: str | None) -> str:
@@ -227,7 +233,7 @@ def test_client_decode_is_exact_matches_the_server_picture_and_sends_no_render_r
         # same picture: the page's canvas and the server's PNG for one latent and camera
         _wait_settled(page)
         state = page.evaluate("() => ({attributes: perseViewer.state.attributes, expression: perseViewer.state.expression})")
-        client_img = _png(page.locator("#client-stage").screenshot())
+        client_img = _client_shot(page)
         server_png = _post(f"{url}/v1/avatars/ada-viewer/render", {**state, "width": SIDE, "height": SIDE})
         server_img = _png(server_png)
         z = avatar.latent(state["attributes"], state["expression"])
@@ -301,7 +307,7 @@ def test_bad_bundles_and_unknown_avatars_show_a_message_and_fall_back_to_the_ser
     header = json.loads(good[12:12 + head_len])
     header["sections"][-1]["nbytes"] = 1 << 30
     head = json.dumps(header).encode()
-    huge = struct.pack("<4sII", b"PRWB", 1, len(head)) + head + b"\0" * ((-(12 + len(head))) % 4) \
+    huge = struct.pack("<4sII", b"PRWB", struct.unpack_from("<I", good, 4)[0], len(head)) + head + b"\0" * ((-(12 + len(head))) % 4) \
         + good[(12 + head_len + 3) & ~3:]
     cases = {"truncated": (good[:-1000], "truncated"), "wrong version": (good[:4] + version + good[8:], "version 99"),
              "too large": (huge, "over the cap")}
@@ -309,8 +315,10 @@ def test_bad_bundles_and_unknown_avatars_show_a_message_and_fall_back_to_the_ser
         browser = _launch(p)
         for name, (data, phrase) in cases.items():
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.route("**/bundle", lambda route, data=data: route.fulfill(
-                status=200, body=data, headers={"Content-Type": "application/octet-stream"}))
+            def serve_bad(route, request, body=data):
+                route.fulfill(status=200, body=body, headers={"Content-Type": "application/octet-stream"})
+
+            page.route("**/bundle", serve_bad)
             page.goto(f"{url}/viewer/?render=client")
             _wait_for_new_image(page, None)  # the server renders instead
             banner = page.locator("#banner").inner_text()
@@ -334,9 +342,9 @@ def test_bundle_route_versions_etag_and_errors(viewer):
         req = urllib.request.Request(url + path, headers=headers or {})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, dict(r.headers), r.read()
+                return r.status, r.headers, r.read()
         except urllib.error.HTTPError as e:
-            return e.code, dict(e.headers), e.read()
+            return e.code, e.headers, e.read()
 
     status, headers, latest = get("/v1/avatars/ada-viewer/bundle")
     assert status == 200 and headers["Cache-Control"] == "private, no-cache" and headers["X-Avatar-Version"] == "v0001"
@@ -360,7 +368,7 @@ def test_splat_renderers_own_ply_loader_reads_our_export(viewer):
     sync_api = _browser_or_skip()
     url, root = viewer
     avatar = Registry(root).load("ada-viewer")
-    sliders = {"attributes": {"hair": 1.3}, "expression": {avatar.layout.expressions[0]: 0.4}}
+    sliders = {"attributes": {"hair": 0.7}, "expression": {avatar.layout.expressions[0]: 0.4}}
     ply = _post(f"{url}/v1/avatars/ada-viewer/ply", sliders)
     z = avatar.latent(sliders["attributes"], sliders["expression"])
     with torch.no_grad():
