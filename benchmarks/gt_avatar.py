@@ -18,8 +18,6 @@ attribute's top level at once (the combined edit), a row per head.
 ``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0);
 ``--ablate KEY=VALUE`` (repeatable) trains again with that override and prints every figure of that
 run with ``config.ablation`` set, e.g. ``--ablate synth.combined_frames=0``.
-``--also-size 64`` (the default but with ``--quick``) also scores the same avatar rendered at 64×64 against 64×64
-ground truth, figures with ``config.scored_at`` = ``64x64``: the old cpu preset's size, for comparison.
 ``--quick`` uses the ``cpu-smoke`` preset (unless --preset is given): a check that the benchmark
 runs, in seconds; its scores say nothing about quality.
 """
@@ -52,8 +50,7 @@ def unit_of(figure: str) -> str:
 
 
 def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, output: Path | None,
-        progress: bool, head_name: str = "gaussian", picture: list | None = None,
-        also_size: int = 0) -> dict[str, float]:
+        progress: bool, head_name: str = "gaussian", picture: list | None = None) -> dict[str, float]:
     from perse_ray.avatar.io import save_avatar
     from perse_ray.bench.ground_truth import Scorer, frames_from_head, make_head, score_avatar, score_views
     from perse_ray.bench.ground_truth import picture as side_by_side
@@ -92,11 +89,6 @@ def run(preset: str, overrides: list[str], curve_every: int, as_json: bool, outp
     scores.update(train_seconds=train_seconds, steps_per_second=cfg.train.steps / max(train_seconds, 1e-9),
                   data_seconds=data_seconds, eval_seconds=eval_seconds, num_frames=len(rows),
                   num_gaussians=cfg.avatar.num_gaussians, resolution=cfg.render.width)
-    if also_size and also_size != cfg.render.width:
-        small = load_config(preset, overrides + [f"render.width={also_size}", f"render.height={also_size}"])
-        at = score_avatar(result.avatar, head, small, scorer=Scorer(head, small, cfg.machine.render_backend))
-        for figure, value in at.items():
-            emit(figure, value, unit_of(figure), {**info, "scored_at": f"{also_size}x{also_size}"}, as_json)
     return scores, info
 
 
@@ -142,8 +134,6 @@ def main(argv=None) -> int:
                    help="also train without the interpolation regularization and report the midpoint gap")
     p.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
                    help="also train with this override and print that run's figures (repeatable)")
-    p.add_argument("--also-size", type=int, default=None, metavar="PX",
-                   help="also score the avatar rendered at PX x PX (default 64, off with --quick; 0: off)")
     p.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
                    help="score held-out views every STEPS steps (PSNR vs training time)")
     p.add_argument("--output", type=Path, help="save the trained avatar here")
@@ -152,7 +142,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     args.preset = args.preset or ("cpu-smoke" if args.quick else "cpu")
-    args.also_size = (0 if args.quick else 64) if args.also_size is None else args.also_size
     if args.picture is not None and args.picture.suffix.lower() != ".png":
         p.error(f"--picture must name a .png file, got {str(args.picture)!r}")
 
@@ -162,7 +151,7 @@ def main(argv=None) -> int:
     info = {}
     for head in heads:
         scores, info = run(args.preset, args.overrides, args.curve_every, args.json, args.output,
-                           not args.no_progress, head, pictures, args.also_size)
+                           not args.no_progress, head, pictures)
         for figure, value in scores.items():
             emit(figure, value, _unit(figure), info, args.json)
         for override in args.ablate:
