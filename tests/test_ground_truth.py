@@ -81,7 +81,7 @@ def test_combined_frames_render_every_attribute_at_once(head):
         assert np.abs(_decode(r["image_png"]) - _decode(single["image_png"])).max() > 0.2  # really several edits
         union = np.maximum.reduce([head.region_mask(a, expr, cam, 32) for a in levels])
         assert np.array_equal(_decode(r["mask_png"]), union)
-    assert not combined_levels(load_config("cpu", SMALL))
+    assert not combined_levels(load_config("cpu", SMALL + ["synth.combined_frames=0"]))
 
 
 def test_heldout_yaws_reach_40_degrees_off_the_training_yaws():
@@ -98,7 +98,7 @@ def test_heldout_yaws_reach_40_degrees_off_the_training_yaws():
 def trained(head):
     from perse_ray.train.loop import train_avatar
 
-    cfg = load_config("cpu", SMALL + ["avatar.hidden_dim=16", "train.batch_size=4"])
+    cfg = load_config("cpu", SMALL + ["avatar.hidden_dim=16", "train.batch_size=4", "synth.combined_frames=0"])
     return cfg, train_avatar(frames_from_head(head, cfg), cfg, progress=False).avatar
 
 
