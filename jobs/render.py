@@ -41,7 +41,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("avatar_id")
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="render API base URL")
+    p.add_argument("--url", default="http://127.0.0.1:8000",
+                   help="render API base URL; $PERSE_API_KEY, when set, is sent as its Bearer key")
     p.add_argument("--attr", action="append", default=[], type=_pair, metavar="NAME=VALUE",
                    help="attribute slider (repeatable)")
     p.add_argument("--expr", action="append", default=[], type=_pair, metavar="NAME=VALUE",
@@ -114,13 +115,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_bundle(args: argparse.Namespace) -> int:
-    from urllib.parse import quote
-
     from perse_ray.avatar.bundle import BundleError, decode_bundle
 
     try:
         with RenderClient(args.url) as client:
-            data = client._request("GET", f"/v1/avatars/{quote(args.avatar_id, safe='@')}/bundle").content
+            data = client.bundle(args.avatar_id)
         bundle = decode_bundle(data)
     except InvalidRequest as e:
         print(f"error: {e.message}", file=sys.stderr)

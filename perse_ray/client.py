@@ -36,8 +36,12 @@ class InvalidRequest(RenderError, ValueError):
 
 
 class RenderClient:
-    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0):
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+    def __init__(self, url: str = "http://127.0.0.1:8000", timeout: float = 60.0, token: str | None = None):
+        """``token``: an API key or viewer-link token, sent as ``Authorization: Bearer``; default
+        ``$PERSE_API_KEY`` (none where unset, as a server in ``auth: none`` mode expects)."""
+        token = token if token is not None else os.environ.get("PERSE_API_KEY")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
 
     def __enter__(self) -> RenderClient:
         return self
@@ -88,6 +92,10 @@ class RenderClient:
         if path is not None:
             Path(path).write_bytes(data)
         return data
+
+    def bundle(self, avatar_id: str) -> bytes:
+        """The web bundle (perse_ray.avatar.bundle) of ``id`` or ``id@version``."""
+        return self._request("GET", f"/v1/avatars/{quote(avatar_id, safe='@')}/bundle").content
 
     # ------------------------------------------------------------------ plumbing
 

@@ -461,3 +461,16 @@ def test_serve_with_keys_over_http_and_grpc_then_an_admin_delete(ray_cluster, tm
         for secret_text in [*issued.values(), link["token"]]:
             assert secret_text.encode() not in data, f"a credential in {path}"
         assert issued["admin"].split("_")[-1].encode() not in data
+
+
+def test_the_python_client_sends_its_key_as_a_bearer_token(monkeypatch):
+    from perse_ray.client import RenderClient
+
+    monkeypatch.setenv("PERSE_API_KEY", "from-env")
+    with RenderClient() as client:
+        assert client._http.headers["Authorization"] == "Bearer from-env"
+    with RenderClient(token="explicit") as client:
+        assert client._http.headers["Authorization"] == "Bearer explicit"
+    monkeypatch.delenv("PERSE_API_KEY")
+    with RenderClient() as client:
+        assert "Authorization" not in client._http.headers
