@@ -43,9 +43,14 @@ def head_node(tmp_path, tiny_models):
     env.pop("RAY_ADDRESS", None)
     ray_tmp = tempfile.mkdtemp(prefix="pr-", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     log = open(tmp_path / "head.log", "w")
+    # Every port of its own: the session's embedded Ray (tests/conftest.py) may already hold the
+    # defaults (dashboard agent, runtime-env agent, metrics), and a second node on them never serves jobs.
+    agent_ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
+        "ray-client-server-port")]
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
-                             f"--temp-dir={ray_tmp}"],
+                             f"--temp-dir={ray_tmp}", *agent_ports],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 180

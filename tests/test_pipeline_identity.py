@@ -81,7 +81,11 @@ def test_id_filter_drops_a_spliced_identity_swap(ray_cluster, tmp_path, monkeypa
         # morphs there do not: they re-edit and re-animate the victim's own portrait.
         return r["frame_index"] in PLANTED and r["interpolation"] is None
 
-    assert sum(map(spliced, rows)) == len(PLANTED) * (1 + sum(len(a.edits) for a in cfg.synth.attributes))
+    from perse_ray.synth.edit import combined_levels
+
+    composed_planted = sum(f in PLANTED for f, _ in combined_levels(cfg))  # composed edits are animated too
+    assert sum(map(spliced, rows)) == len(PLANTED) * (1 + sum(len(a.edits) for a in cfg.synth.attributes)) \
+        + composed_planted
     for r in rows:
         what = (r["frame_index"], r["attribute"], r["edit_index"], r["interpolation"], r["id_score"])
         if spliced(r):  # the donor's face: dropped for its identity
