@@ -53,25 +53,29 @@ def head_node(tmp_path, tiny_models):
                              f"--temp-dir={ray_tmp}", *agent_ports],
                             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        # Ready means a job can run: the dashboard answers `job list` before its job agent exists.
-        ok = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
-                            capture_output=True).returncode == 0
-        if ok:
-            break
-        assert head.poll() is None, (tmp_path / "head.log").read_text()
-        time.sleep(2)
-    else:
-        pytest.fail("the head node did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
-    yield address, env
-    os.killpg(head.pid, signal.SIGTERM)  # only what this test started
-    try:
-        head.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    log.close()
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    try:  # the head goes at the end whatever happens, a start that never served jobs included
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            # Ready means a job can run: the dashboard answers `job list` before its job agent exists.
+            ok = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                                capture_output=True).returncode == 0
+            if ok:
+                break
+            assert head.poll() is None, (tmp_path / "head.log").read_text()
+            time.sleep(2)
+        else:
+            pytest.fail("the head node did not come up: " + (tmp_path / "head.log").read_text()[-2000:])
+        yield address, env
+    finally:
+        try:
+            os.killpg(head.pid, signal.SIGTERM)  # only what this test started
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # already gone
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _submit(address: str, env: dict, portraits: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
