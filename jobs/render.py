@@ -74,39 +74,41 @@ def sweep(avatar: dict, name: str, steps: int) -> tuple[str, list[float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from PIL import Image
-
     args = parse_args(argv)
-    if args.bundle:
-        return write_bundle(args)
-    attributes, expression = dict(args.attr), dict(args.expr)
     try:
-        with RenderClient(args.url) as client:
-            view = {"yaw": args.yaw, "pitch": args.pitch, "size": args.size}
-            if args.strip is None:
-                image = client.render(args.avatar_id, attributes=attributes, expression=expression, **view)
-            else:
-                avatar = client.manifest(args.avatar_id)
-                avatar = {"id": avatar["id"], "expressions": avatar["layout"]["expressions"],
-                          "attributes": {a["name"]: a["edit_labels"] for a in avatar["layout"]["attributes"]}}
-                part, values = sweep(avatar, args.strip, args.steps)
-
-                def frame(value: float):
-                    sliders = {"attributes": dict(attributes), "expression": dict(expression)}
-                    sliders[part][args.strip] = value
-                    return client.render(args.avatar_id, **sliders, **view)
-
-                with ThreadPoolExecutor(min(len(values), 16)) as pool:  # concurrent: the server batches them
-                    frames = list(pool.map(frame, values))
-                image = Image.new("RGB", (sum(f.width for f in frames), frames[0].height))
-                for i, f in enumerate(frames):
-                    image.paste(f, (i * f.width, 0))
+        return write_bundle(args) if args.bundle else write_image(args)
     except InvalidRequest as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2
     except RenderError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if e.status else 1
+
+
+def write_image(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    attributes, expression = dict(args.attr), dict(args.expr)
+    with RenderClient(args.url) as client:
+        view = {"yaw": args.yaw, "pitch": args.pitch, "size": args.size}
+        if args.strip is None:
+            image = client.render(args.avatar_id, attributes=attributes, expression=expression, **view)
+        else:
+            avatar = client.manifest(args.avatar_id)
+            avatar = {"id": avatar["id"], "expressions": avatar["layout"]["expressions"],
+                      "attributes": {a["name"]: a["edit_labels"] for a in avatar["layout"]["attributes"]}}
+            part, values = sweep(avatar, args.strip, args.steps)
+
+            def frame(value: float):
+                sliders = {"attributes": dict(attributes), "expression": dict(expression)}
+                sliders[part][args.strip] = value
+                return client.render(args.avatar_id, **sliders, **view)
+
+            with ThreadPoolExecutor(min(len(values), 16)) as pool:  # concurrent: the server batches them
+                frames = list(pool.map(frame, values))
+            image = Image.new("RGB", (sum(f.width for f in frames), frames[0].height))
+            for i, f in enumerate(frames):
+                image.paste(f, (i * f.width, 0))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out)
@@ -121,12 +123,6 @@ def write_bundle(args: argparse.Namespace) -> int:
         with RenderClient(args.url) as client:
             data = client.bundle(args.avatar_id)
         bundle = decode_bundle(data)
-    except InvalidRequest as e:
-        print(f"error: {e.message}", file=sys.stderr)
-        return 2
-    except RenderError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if e.status else 1
     except BundleError as e:
         print(f"error: the server sent an unusable bundle: {e}", file=sys.stderr)
         return 1
