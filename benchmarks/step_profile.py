@@ -60,9 +60,9 @@ def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
     for p in model.decoder.parameters():  # trained-like, not the zero-initialised output layer
         torch.nn.init.normal_(p, std=0.05)
     if getattr(cfg.avatar, "branch_regions", False):  # as training sets them from the edit masks
-        from perse_ray.train.loop import branch_region_mask
+        from perse_ray.train.loop import branch_region_mask, edit_regions
 
-        model.set_branch_regions(branch_region_mask(model.means, frames, len(layout.attributes)))
+        model.set_branch_regions(branch_region_mask(model.means, edit_regions(frames, len(layout.attributes))))
         config_note["region_fraction"] = round(float(model.branch_regions.float().mean()), 3)
     optimizer = torch.optim.Adam(_param_groups(model, cfg.train), eps=1e-15)
     backend, tcfg = cfg.machine.render_backend, cfg.train

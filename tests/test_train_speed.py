@@ -110,7 +110,7 @@ def _single_branch(decoder, gauss_in, branches, b):
 
 
 def test_region_mask_follows_the_projected_edit_masks():
-    from perse_ray.train.loop import FrameSet, branch_region_mask
+    from perse_ray.train.loop import FrameSet, branch_region_mask, edit_regions
     from perse_ray.camera import camera_record
 
     cam = camera_record(0.0, 0.0, 16, 16, 30.0, 0.65)
@@ -123,11 +123,11 @@ def test_region_mask_follows_the_projected_edit_masks():
                       torch.tensor(cam["K"]).view(1, 3, 3).repeat(2, 1, 1), torch.zeros(2, 0), selections,
                       torch.tensor([True, True]), torch.tensor([1, 1]))
     means = torch.tensor([[-0.12, 0.0, 0.0], [0.12, 0.0, 0.0], [0.0, 0.0, 0.0]])  # image left, right, centre
-    mask = branch_region_mask(means, frames, 3, dilate=0)
+    mask = branch_region_mask(means, edit_regions(frames, 3, dilate=0))
     assert mask[0].tolist() == [True, False, False]
     assert mask[1].tolist() == [False, False, False]
     assert mask[2].tolist() == [True, True, True]  # no masked frames: no restriction
-    assert branch_region_mask(means, frames, 3, dilate=6)[0].tolist() == [True, False, True]
+    assert branch_region_mask(means, edit_regions(frames, 3, dilate=6))[0].tolist() == [True, False, True]
 
 
 def test_trained_branch_regions_are_saved_and_old_avatars_load_without_them(tmp_path):

@@ -263,6 +263,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     coarse_set = (frameset_from_rows(rows, layout, max(rcfg.width // 2, 1), max(rcfg.height // 2, 1))
                   .to(device).subset(train_idx) if coarse_steps else None)
 
+    regions = edit_regions(train_set, len(layout.attributes)) if config.avatar.branch_regions else None
     model = AvatarModel(layout, config.avatar, seed=tcfg.seed).to(device)
     optimizer = torch.optim.Adam(_param_groups(model, tcfg), eps=1e-15)
     gen = torch.Generator().manual_seed(tcfg.seed)  # on the CPU: the same draws on every device
@@ -275,8 +276,8 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         step, history, seconds_before = _load_checkpoint(latest, model, optimizer, gen, peak_opacity)
     else:
         init_from_portrait(model, train_set)
-        if config.avatar.branch_regions:
-            model.set_branch_regions(branch_region_mask(model.means, train_set, len(layout.attributes)))
+        if regions is not None:
+            model.set_branch_regions(branch_region_mask(model.means, regions))
     morph_weight = torch.where(train_set.is_morph, tcfg.lambda_interp, 1.0)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     global_batch = min(tcfg.batch_size, len(train_set))
@@ -315,8 +316,8 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         if relocate_now:
             relocate_dead(model, optimizer, peak_opacity, tcfg.dead_opacity, gen)
             peak_opacity.zero_()
-            if config.avatar.branch_regions:  # Gaussians moved: which region each is in now
-                model.set_branch_regions(branch_region_mask(model.means, train_set, len(layout.attributes)))
+            if regions is not None:  # Gaussians moved: which region each is in now
+                model.set_branch_regions(branch_region_mask(model.means, regions))
         if step % machine.log_every == 0 or step == tcfg.steps:
             record = {"step": step, "seconds": time.perf_counter() - t0, "loss": loss.item() * world,  # rank 0's share, scaled
                       "psnr": float(psnr(rgb.detach().clamp(0, 1), batch.images))}
@@ -342,26 +343,40 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     return TrainResult(_make_avatar(model.cpu(), config, metrics, subject_id), metrics, history)
 
 
+def project(means: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel positions [..., N, 2] and depths [..., N] of points ``means`` [N, 3] in cameras
+    viewmats [..., 4, 4], Ks [..., 3, 3]."""
+    cam = means @ viewmats[..., :3, :3].transpose(-1, -2) + viewmats[..., None, :3, 3]
+    return (cam @ Ks.transpose(-1, -2))[..., :2] / cam[..., 2:3].clamp_min(1e-6), cam[..., 2]
+
+
 @torch.no_grad()
-def branch_region_mask(means: torch.Tensor, frames: FrameSet, num_attributes: int, dilate: int = 2) -> torch.Tensor:
-    """[A, N] bool: the Gaussians whose centre falls inside attribute a's edit mask (dilated by
-    ``dilate`` px) in any of a's morph frames, whose weights are that mask. An attribute without
-    masked frames keeps every Gaussian."""
-    out = torch.ones(num_attributes, means.shape[0], dtype=torch.bool, device=means.device)
-    h, w = frames.weights.shape[1:]
+def edit_regions(frames: FrameSet, num_attributes: int, dilate: int = 2) -> list[tuple | None]:
+    """Per attribute, (viewmats, Ks, masks [F, H, W] bool) of its morph frames, whose weights are its
+    edit mask, dilated by ``dilate`` px; None for an attribute without any. Fixed for a training run."""
+    out = []
     for a in range(num_attributes):
         index = torch.nonzero(frames.is_morph & (frames.selections[:, a, 1] > 0)).flatten()
-        if len(index) == 0:
+        masks = torch.nn.functional.max_pool2d(frames.weights[index, None], 2 * dilate + 1, 1, dilate)[:, 0] > 0.5
+        out.append((frames.viewmats[index], frames.Ks[index], masks) if len(index) else None)
+    return out
+
+
+@torch.no_grad()
+def branch_region_mask(means: torch.Tensor, regions: list[tuple | None]) -> torch.Tensor:
+    """[A, N] bool: the Gaussians whose centre falls inside attribute a's mask in any of its frames
+    (``edit_regions``). An attribute without masked frames keeps every Gaussian."""
+    out = torch.ones(len(regions), means.shape[0], dtype=torch.bool, device=means.device)
+    for a, region in enumerate(regions):
+        if region is None:
             continue
-        region = torch.nn.functional.max_pool2d(frames.weights[index, None], 2 * dilate + 1, 1, dilate)[:, 0] > 0.5
-        view, K = frames.viewmats[index], frames.Ks[index]
-        cam = means[None] @ view[:, :3, :3].transpose(1, 2) + view[:, None, :3, 3]  # [F, N, 3]
-        uv = (cam @ K.transpose(1, 2))[..., :2] / cam[..., 2:3].clamp_min(1e-6)
+        viewmats, Ks, masks = region
+        h, w = masks.shape[1:]
+        uv, depth = project(means, viewmats, Ks)
         px, py = uv[..., 0].floor().long(), uv[..., 1].floor().long()
-        valid = (cam[..., 2] > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
-        frame = torch.arange(len(index), device=means.device)[:, None].expand_as(px)
-        hit = region[frame, py.clamp(0, h - 1), px.clamp(0, w - 1)] & valid
-        out[a] = hit.any(0)
+        valid = (depth > 0) & (px >= 0) & (px < w) & (py >= 0) & (py < h)
+        frame = torch.arange(len(masks), device=means.device)[:, None].expand_as(px)
+        out[a] = (masks[frame, py.clamp(0, h - 1), px.clamp(0, w - 1)] & valid).any(0)
     return out
 
 
@@ -375,8 +390,7 @@ def init_from_portrait(model: AvatarModel, frames: FrameSet) -> None:
     i = int(front[0])
     image, view, K = frames.images[i], frames.viewmats[i], frames.Ks[i]
     h, w = image.shape[:2]
-    cam = model.means @ view[:3, :3].T + view[:3, 3]
-    uv = (cam @ K.T)[:, :2] / cam[:, 2:3].clamp_min(1e-6)
+    uv, _ = project(model.means, view, K)
     px = uv[:, 0].long().clamp(0, w - 1)
     py = uv[:, 1].long().clamp(0, h - 1)
     colors = image[py, px].clamp(0.02, 0.98)
