@@ -224,14 +224,25 @@ class _SubjectTrainer:
         return ray.get_runtime_context().get_node_id()
 
     def train(self, sid: str) -> dict:
-        return {**train_subject(self.job, sid, lambda record: self.events.put((sid, record))), "node": self.node()}
+        return {**train_subject(self.job, sid, lambda record: self._report(sid, record)), "node": self.node()}
+
+    def _report(self, sid: str, record: dict) -> None:
+        """Progress is best effort: a lost queue must not fail the subject it reports on."""
+        try:
+            self.events.put((sid, record), timeout=5)
+        except Exception:  # noqa: BLE001 - any failure of the queue only costs a progress line
+            pass
 
 
 def _run_pool(job: _Job, concurrency: int, log) -> list[SubjectResult]:
     """Subjects through ``concurrency`` trainer actors; a dead actor is replaced and its subject retried."""
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    events = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: the queue then lives exactly as long as the job (on a worker node it
+    # died with that node, and the driver's next read failed the whole build).
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     # SPREAD: by default Ray packs small actors onto one node; subjects belong on every node
     options = {"num_cpus": job.cpus_per_worker, "num_gpus": job.gpus_per_worker, "max_concurrency": 1,
                "scheduling_strategy": "SPREAD"}
