@@ -73,20 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     from perse_ray.pipeline import synthesize
     from perse_ray.train.distributed import train_subjects
 
-    seconds = {}
-    with connect_ray(local_num_cpus(cfg)) as local:
-        t = time.perf_counter()
-        try:
+    seconds, summary, stage = {}, None, "connecting to Ray"
+    try:
+        with connect_ray(local_num_cpus(cfg)) as local:
+            t, stage = time.perf_counter(), "synthesis"
             summary = synthesize(cfg, discovery, synth_dir, log=lambda line: print(f"[synth] {line}", flush=True))
-        except (OutputError, RuntimeError) as e:
-            return fail(e, 1)
-        seconds["synthesize"] = time.perf_counter() - t
-        t = time.perf_counter()
-        try:
+            seconds["synthesize"], stage = time.perf_counter() - t, "training"
+            t = time.perf_counter()
             results = train_subjects(synth_dir / "frames", output, cfg, **training_options(args, local, "[train] "))
-        except RuntimeError as e:
+            seconds["train"] = time.perf_counter() - t
+    except Exception as e:  # a stopped run still leaves its build.json, naming the stage and the reason
+        write_build_summary(output, 1, seconds, summary, [], error=f"{stage}: {e}")
+        if isinstance(e, (OutputError, RuntimeError)):
             return fail(e, 1)
-        seconds["train"] = time.perf_counter() - t
+        raise
     index = None
     if not args.no_evaluation:
         t = time.perf_counter()
@@ -108,16 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def write_build_summary(output: Path, code: int, seconds: dict, synthesis: dict, results) -> Path:
+def write_build_summary(output: Path, code: int, seconds: dict, synthesis: dict | None, results,
+                        error: str | None = None) -> Path:
+    """<output>/build.json; a run that stopped at a stage says which and why in ``error``."""
     import dataclasses
     import json
 
     from perse_ray.synth.write import atomic_write_bytes
 
     payload = {"exit_code": code, "seconds_per_stage": {k: round(v, 3) for k, v in seconds.items()},
-               "synthesis": {k: synthesis[k] for k in ("subjects", "reasons", "failed", "skipped_complete",
-                                                       "seconds_per_stage", "synthesis_hash")},
-               "subjects": [dataclasses.asdict(r) for r in results]}
+               "synthesis": synthesis and {k: synthesis[k] for k in ("subjects", "reasons", "failed",
+                                                                     "skipped_complete", "seconds_per_stage",
+                                                                     "synthesis_hash")},
+               "subjects": [dataclasses.asdict(r) for r in results], "error": error}
     path = output / "build.json"
     atomic_write_bytes(path, json.dumps(payload, indent=1, sort_keys=True, default=str).encode())
     return path

@@ -107,9 +107,12 @@ def test_nodes_killed_mid_synthesis_and_mid_training_lose_nothing_and_a_new_node
     _wait_for(lambda: _indexed(output), cluster, "faults-1", 400, "registered avatar")
     assert len(_indexed(output)) < 20, "training ended before the kill: nothing was tested"
     training = _node_running(cluster, "_SubjectTrainer")
+    # the driver's progress queue lives beside the driver, never on a node that may go
+    assert _node_running(cluster, "_QueueActor") == "head"
     cluster.kill_node(training)  # mid-training: the trainer actors on it die with it
     info = cluster.wait_job("faults-1", timeout=600)
     logs = cluster.job_logs("faults-1")
+    assert (output / "build.json").is_file(), f"job {info.get('status')} without a summary:\n" + logs[-6000:]
     summary = json.loads((output / "build.json").read_text())
     assert summary["exit_code"] in (0, 3), logs[-4000:]
     assert info["status"] == ("SUCCEEDED" if summary["exit_code"] == 0 else "FAILED"), info
@@ -168,3 +171,5 @@ def test_a_cluster_too_small_for_the_graph_fails_naming_the_shortfall(local_clus
     assert run.returncode != 0 and "synthesis needs 3.5 CPU (5 actors x 0.5 + 1 for its tasks), the cluster has 3" \
         in text, text[-3000:]
     assert time.monotonic() - start < 180
+    summary = json.loads((tmp_path / "out" / "build.json").read_text())  # a stopped run still sums itself up
+    assert summary["exit_code"] == 1 and summary["error"].startswith("synthesis: synthesis needs 3.5 CPU"), summary
