@@ -128,6 +128,10 @@ def test_region_mask_follows_the_projected_edit_masks():
     assert mask[1].tolist() == [False, False, False]
     assert mask[2].tolist() == [True, True, True]  # no masked frames: no restriction
     assert branch_region_mask(means, edit_regions(frames, 3, dilate=6))[0].tolist() == [True, False, True]
+    # a weak edit (a morph partway to a light recolour) still has its region; its faint tail does not
+    frames.weights[0] *= 0.3
+    frames.weights[0, :, 4:] = 0.05
+    assert branch_region_mask(means, edit_regions(frames, 3, dilate=0))[0].tolist() == [True, False, False]
 
 
 def test_trained_branch_regions_are_saved_and_old_avatars_load_without_them(tmp_path):

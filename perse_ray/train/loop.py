@@ -353,11 +353,17 @@ def project(means: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor) -> tu
 @torch.no_grad()
 def edit_regions(frames: FrameSet, num_attributes: int, dilate: int = 2) -> list[tuple | None]:
     """Per attribute, (viewmats, Ks, masks [F, H, W] bool) of its morph frames, whose weights are its
-    edit mask, dilated by ``dilate`` px; None for an attribute without any. Fixed for a training run."""
+    edit mask, dilated by ``dilate`` px; None for an attribute without any. Fixed for a training run.
+
+    A mask is the edit's region times its strength (a morph halfway to a 0.6-strength recolour peaks
+    at 0.3), so the region is where a frame's weight reaches a quarter of that frame's peak, not a
+    fixed level: a fixed 0.5 left weak edits' branches acting on no Gaussian at all."""
     out = []
     for a in range(num_attributes):
         index = torch.nonzero(frames.is_morph & (frames.selections[:, a, 1] > 0)).flatten()
-        masks = torch.nn.functional.max_pool2d(frames.weights[index, None], 2 * dilate + 1, 1, dilate)[:, 0] > 0.5
+        pooled = torch.nn.functional.max_pool2d(frames.weights[index, None], 2 * dilate + 1, 1, dilate)[:, 0]
+        peak = pooled.amax(dim=(1, 2), keepdim=True)
+        masks = (pooled >= 0.25 * peak) & (peak > 0)
         out.append((frames.viewmats[index], frames.Ks[index], masks) if len(index) else None)
     return out
 
