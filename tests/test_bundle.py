@@ -42,14 +42,19 @@ def _need(path_or_none, what: str):
         pytest.skip(f"needs {what}")
 
 
-def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0) -> AvatarModel:
-    """A model with random (not zero) decoder outputs, so every branch moves every parameter in its region."""
+def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchored=False) -> AvatarModel:
+    """A model with random (not zero) decoder outputs, so every branch moves every parameter in its region;
+    ``anchored``: with an attribute added after training (``grow_attribute``), whose branch is anchored."""
+    from perse_ray.avatar.extend import grow_attribute
+
     cfg = load_config("cpu-smoke", [f"avatar.num_gaussians={num_gaussians}",
-                                    f"avatar.hidden_layers={hidden_layers}"])
+                                    f"avatar.hidden_layers={hidden_layers}", "avatar.code_dim=4"])
     layout = LatentLayout.from_config(cfg.synth, 4)
     if not expressions:
         layout = LatentLayout([], layout.attributes)
     model = AvatarModel(layout, cfg.avatar, seed=seed)
+    if anchored:
+        model, _ = grow_attribute(model, "skin", ["tan", "pale"], seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.decoder.parameters():
@@ -83,13 +88,19 @@ def _max_errors(got: dict, ref: dict) -> dict[str, float]:
     return {k: float(np.abs(np.asarray(got[k], np.float64).reshape(ref[k].shape) - ref[k]).max()) for k in KEYS}
 
 
-@pytest.mark.parametrize("hidden_layers,expressions", [(1, True), (2, False)])
-def test_numpy_decode_of_the_bundle_matches_the_model(hidden_layers, expressions):
-    model = _model(hidden_layers=hidden_layers, expressions=expressions)
+def _with_source_slider(model: AvatarModel, cases: list) -> list:
+    """``cases`` plus, for an anchored attribute, the same latents with its slider at the source."""
+    anchored = [a.name for a in model.layout.attributes if a.anchored]
+    return cases + [({**attrs, name: 0.0}, expr) for attrs, expr in cases[:5] for name in anchored]
+
+
+@pytest.mark.parametrize("hidden_layers,expressions,anchored", [(1, True, False), (2, False, False), (1, True, True)])
+def test_numpy_decode_of_the_bundle_matches_the_model(hidden_layers, expressions, anchored):
+    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored)
     bundle = decode_bundle(encode_bundle(model, CAMERA, avatar_id="ada", version="v0001"))
     assert bundle.header["avatar"] == {"id": "ada", "version": "v0001"}
     assert bundle.header["camera"]["fov_deg"] == 30.0 and bundle.num_gaussians == 300
-    for attrs, expr in _random_latents(model, 20, seed=hidden_layers):
+    for attrs, expr in _with_source_slider(model, _random_latents(model, 20, seed=hidden_layers)):
         ref = _reference(model, attrs, expr)
         z = latent(bundle, attrs, expr)
         np.testing.assert_allclose(z, Avatar(model, {"camera": CAMERA}).latent(attrs, expr).numpy(), atol=1e-6)
@@ -122,10 +133,11 @@ writeFileSync(process.argv[4], JSON.stringify(out));
 """
 
 
-@pytest.mark.parametrize("hidden_layers,expressions", [(1, True), (2, False)])
-def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(tmp_path, hidden_layers, expressions):
+@pytest.mark.parametrize("hidden_layers,expressions,anchored", [(1, True, False), (2, False, False), (1, True, True)])
+def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(tmp_path, hidden_layers, expressions,
+                                                                               anchored):
     _need(NODE, "node")
-    model = _model(hidden_layers=hidden_layers, expressions=expressions)
+    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored)
     (tmp_path / "b.bin").write_bytes(encode_bundle(model, CAMERA))
     cases = _random_latents(model, 20, seed=10 + hidden_layers)
     # then: one attribute moved (one branch re-runs), nothing moved (none), an expression moved
@@ -135,6 +147,8 @@ def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(t
     cases.append(cases[-1])
     if expressions:
         cases.append((cases[-1][0], {**expr, model.layout.expressions[0]: 0.25}))
+    moved = len(cases) - 20
+    cases += _with_source_slider(model, cases[:20])[20:]
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     _node(_JS_DECODE, BUNDLE_JS.as_uri(), str(tmp_path / "b.bin"), str(tmp_path / "cases.json"), str(tmp_path / "out.json"))
     results = json.loads((tmp_path / "out.json").read_text())
@@ -145,7 +159,7 @@ def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(t
     assert max(worst.values()) <= 1e-5, worst
     branches = 1 + len(model.layout.attributes)
     assert results[0]["decodes"] == branches
-    assert [r["decodes"] for r in results[20:]] == [1, 0] + ([1] if expressions else [])
+    assert [r["decodes"] for r in results[20:20 + moved]] == [1, 0] + ([1] if expressions else [])
 
 
 def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:

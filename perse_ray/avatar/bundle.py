@@ -12,7 +12,8 @@ The sections are the canonical Gaussians (means, quats, log_scales, opacity_logi
 features), every attribute's code table (row 0 = the source, zeros) and the decoder's weights per
 branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``branch_regions`` [branches, N]
 (1 where a branch acts on a Gaussian, 0 where it adds nothing); the learned backdrop when
-the avatar has one. The decoder is stored as weights rather than precomputed tables: a branch's
+the avatar has one. An attribute the layout marks ``anchored`` (added after training) has a branch
+that outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The decoder is stored as weights rather than precomputed tables: a branch's
 output depends non-linearly on its code, so a table would only be exact at the edit codes.
 
 ``decode_bundle`` validates everything a reader relies on (magic, version, header length, JSON,
@@ -34,7 +35,7 @@ import numpy as np
 
 MAGIC = b"PRWB"
 BUNDLE_FORMAT = "perse-ray-web-bundle"
-BUNDLE_VERSION = 2  # 2: branch_regions
+BUNDLE_VERSION = 3  # 2: branch_regions; 3: anchored attributes (the layout says which)
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # a 50k-Gaussian gpu-preset avatar is ~10 MB
 MAX_HEADER_BYTES = 1024 * 1024
 _PREFIX = struct.Struct("<4sII")
@@ -286,12 +287,23 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
     h, a = bundle.header["decoder"], bundle.arrays
     pos = positional_encoding(a["means"] / np.float32(h["position_scale"]), h["pos_freqs"])
     gauss_in = np.concatenate([a["features"], pos], axis=-1)
-    total = None
-    for b, zb in enumerate(branch_inputs(bundle, np.asarray(z, np.float32))):
+    anchored = [False] + [bool(x.get("anchored", False)) for x in bundle.header["layout"]["attributes"]]
+
+    def branch(b: int, zb: np.ndarray) -> np.ndarray:
         x = _silu(gauss_in @ a["w_gauss"][b] + (zb @ a["w_z"][b, :len(zb)] + a["b_in"][b]))
         for i in range(h["hidden_layers"] - 1):
             x = _silu(x @ a[f"w_hidden.{i}"][b] + a[f"b_hidden.{i}"][b])
-        out = (x @ a["w_out"][b] + a["b_out"][b]) * a["branch_regions"][b][:, None]
+        return x @ a["w_out"][b] + a["b_out"][b]
+
+    total = None
+    for b, zb in enumerate(branch_inputs(bundle, np.asarray(z, np.float32))):
+        if not anchored[b]:
+            out = branch(b, zb)
+        elif (zb == 0).all():
+            out = np.zeros((len(gauss_in), a["w_out"].shape[-1]), np.float32)
+        else:
+            out = branch(b, zb) - branch(b, np.zeros_like(zb))
+        out = out * a["branch_regions"][b][:, None]
         total = out if total is None else total + out
     d, at = {}, 0
     for name, c, unit in h["outputs"]:

@@ -4,6 +4,11 @@ z_exp holds the named expression values of the motion script (known, not learned
 owns a learned code per edit (edit 0 = the unedited source, fixed at zero); a slider value
 s ∈ [0, K−1] is the linear interpolation of the two adjacent edit codes, so sliders are continuous
 by construction and the interpolation loss can supervise the in-between values.
+
+An ``anchored`` attribute (one added to an avatar after training, ``perse_ray.avatar.extend``)
+has a branch that adds exactly nothing at its source code: the branch outputs f(z) − f(0), and
+exactly zero where its slice of z is all zeros, so every render with that slider at 0 is
+bit-identical to the avatar without it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ class AttributeLayout:
     name: str
     edit_labels: list[str]  # edit_labels[0] is the source ("source")
     code_dim: int
+    anchored: bool = False  # its branch adds exactly nothing at the source code (see the module doc)
 
     @property
     def num_edits(self) -> int:
@@ -88,7 +94,8 @@ class LatentLayout:
     def from_dict(cls, data: dict) -> "LatentLayout":
         return cls(expressions=[str(e) for e in data["expressions"]],
                    attributes=[AttributeLayout(str(a["name"]), [str(x) for x in a["edit_labels"]],
-                                               int(a["code_dim"])) for a in data["attributes"]])
+                                               int(a["code_dim"]), bool(a.get("anchored", False)))
+                               for a in data["attributes"]])
 
     @classmethod
     def from_json(cls, text: str) -> "LatentLayout":

@@ -72,16 +72,21 @@ class BranchDecoder(nn.Module):
 
     def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor],
                 groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                regions: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+                regions: list[torch.Tensor | None] | None = None,
+                anchored: list[bool] | None = None) -> torch.Tensor:
         """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out].
 
         ``groups[b]`` = (inverse [B], first [U]) names branch b's distinct rows (see ``row_groups``);
         given, the decoder never looks at z's values, which on CUDA is a host sync per branch.
         ``regions[b]``: indices of the Gaussians branch b acts on (None: all of them).
+        ``anchored[b]``: branch b outputs f(z) − f(0), and exactly zero on rows where z is all zeros.
         """
         nb, g_dim, hidden = self.w_gauss.shape
         regions = regions or [None] * nb
-        full = [b for b in range(nb) if regions[b] is None]
+        anchored = anchored or [False] * nb
+        # Anchored branches (added after training) stay out of the fused product: a wider matrix may
+        # round the other branches' columns differently, and their renders must not move by a bit.
+        full = [b for b in range(nb) if regions[b] is None and not anchored[b]]
         # The input projection of every all-Gaussian branch in one matrix product; parameters are
         # unbound once so no per-branch slice back-propagates a zero-filled copy of the stack.
         w_gauss, w_z, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_gauss, self.w_z, self.b_in,
@@ -90,18 +95,26 @@ class BranchDecoder(nn.Module):
             if full else {}
         w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
         batch = z_branches[0].shape[0]
-        total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) if len(full) < nb else None
+        total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) \
+            if any(r is not None for r in regions) else None
         for b, z in enumerate(z_branches):
             inverse, first = groups[b] if groups is not None else row_groups(z.detach())
             index = regions[b]
             if index is not None and index.numel() == 0:
                 continue
-            g = g_full[b] if index is None else gauss_in[index] @ w_gauss[b]  # [n_b, H]
+            g = g_full[b] if b in g_full else (gauss_in if index is None else gauss_in[index]) @ w_gauss[b]  # [n_b, H]
             zu = z[first]  # differentiable representatives of the distinct rows
+            if anchored[b]:
+                zu = torch.cat([zu, zu.new_zeros(1, zu.shape[1])])  # f(0), the anchor, as one more row
             h = nn.functional.silu(g[None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, n_b, H]
             for w, bias in w_hidden:
                 h = nn.functional.silu(h @ w[b] + bias[b])
             out = h @ w_out[b] + b_out[b]  # [U, n_b, out]
+            if anchored[b]:
+                # Zero where z is the source code by construction, not by rounding: f(0) − f(0) computed
+                # in two places need not cancel bit for bit.
+                at_source = (zu[:-1] == 0).all(1)[:, None, None]
+                out = torch.where(at_source, torch.zeros_like(out[:-1]), out[:-1] - out[-1:])
             out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out.expand(batch, -1, -1)
             if index is not None:
                 total = total.index_add(1, index, out)
@@ -215,7 +228,9 @@ class AvatarModel(nn.Module):
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
-        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices())
+        anchored = [False] + [a.anchored for a in self.layout.attributes]
+        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices(),
+                              anchored)
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         return {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],

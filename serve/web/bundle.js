@@ -2,7 +2,7 @@
 // Pure ES module with no DOM use, so Node runs the same code in the tests.
 
 export const MAGIC = "PRWB";
-export const BUNDLE_VERSION = 2;
+export const BUNDLE_VERSION = 3; // 2: branch_regions; 3: anchored attributes
 export const MAX_BUNDLE_BYTES = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES = 1024 * 1024;
 const OUTPUTS = [["mean", 3], ["quat", 4], ["scale", 3], ["opacity", 1], ["color", 3]];
@@ -165,6 +165,10 @@ export class Decoder {
         this.gproj[b].set(acc, i * H);
       }
     }
+    // An anchored branch (an attribute added after training) outputs f(z) - f(0), and exactly zero
+    // at z = 0; its f(0) is computed once, on first use.
+    this.anchored = [false, ...h.layout.attributes.map((x) => Boolean(x.anchored))];
+    this.anchors = new Array(this.nb).fill(null);
     this.outputs = new Array(this.nb).fill(null);
     this.keys = new Array(this.nb).fill(null);
     this.decodes = 0; // branch evaluations so far (a test counts them)
@@ -177,6 +181,25 @@ export class Decoder {
   setBranch(b, zb) {
     const key = Array.from(zb, (v) => Math.fround(v)).join(",");
     if (this.keys[b] === key) return false;
+    const out = this.outputs[b] || new Float32Array(this.n * 14);
+    if (!this.anchored[b]) {
+      this.evaluate(b, zb, out);
+    } else if (Array.from(zb).every((v) => v === 0)) {
+      out.fill(0);
+    } else {
+      if (!this.anchors[b]) this.anchors[b] = this.evaluate(b, new Float32Array(zb.length), new Float32Array(this.n * 14));
+      this.evaluate(b, zb, out);
+      const anchor = this.anchors[b];
+      for (let i = 0; i < out.length; i++) out[i] = Math.fround(out[i] - anchor[i]);
+    }
+    this.outputs[b] = out;
+    this.keys[b] = key;
+    this.decodes += 1;
+    return true;
+  }
+
+  /** Branch b's MLP at input zb for every Gaussian, written into out [N*14] (zero outside its region). */
+  evaluate(b, zb, out) {
     const a = this.bundle.arrays, H = this.hidden, n = this.n, OUT = 14;
     const z = zb.length ? Float32Array.from(zb) : new Float32Array(1);
     const c = new Float64Array(H);
@@ -192,7 +215,6 @@ export class Decoder {
       hiddenB.push(a[`b_hidden.${l}`].subarray(b * H, (b + 1) * H));
     }
     const wOut = a.w_out.subarray(b * H * OUT, (b + 1) * H * OUT), bOut = a.b_out.subarray(b * OUT, (b + 1) * OUT);
-    const out = this.outputs[b] || new Float32Array(n * OUT);
     const gp = this.gproj[b], region = a.branch_regions.subarray(b * n, (b + 1) * n);
     let h = new Float32Array(H), h2 = new Float32Array(H);
     const acc = new Float64Array(Math.max(H, OUT));
@@ -217,10 +239,7 @@ export class Decoder {
       }
       for (let o = 0; o < OUT; o++) out[i * OUT + o] = acc[o];
     }
-    this.outputs[b] = out;
-    this.keys[b] = key;
-    this.decodes += 1;
-    return true;
+    return out;
   }
 
   /** Feed latent z to every branch (cached ones are skipped); returns the number of branches that ran. */
