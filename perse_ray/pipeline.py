@@ -296,6 +296,19 @@ class IdFilterStage(_Stage):
 STAGE_CLASSES = (IngestStage, EditStage, AnimateStage, MorphStage, IdFilterStage)
 
 
+def synthesize_subject(cfg: Config, subject: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``frames`` rows of one ingested subject (a ``subjects`` row), made in this process by the
+    same stages the graph runs (edit, animate, morph, identity filter), without Ray: for work on
+    one subject, such as an edit added to a trained avatar. A failing stage raises."""
+    if subject.get("status") != "ok":
+        raise ValueError(f"subject {subject.get('subject_id')!r} was not ingested ({subject.get('reason')})")
+    rows = [{"kind": "subject", **subject}]
+    for stage_class in STAGE_CLASSES[1:]:
+        stage = stage_class(cfg)
+        rows = [out for row in rows for out in (stage.process(row) if row["kind"] == stage.consumes else [row])]
+    return [{k: v for k, v in row.items() if k in FRAMES.names} for row in rows if row["kind"] == "frame"]
+
+
 # --------------------------------------------------------------------------- graph
 
 

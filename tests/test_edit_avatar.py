@@ -1,0 +1,201 @@
+"""Edits after training (jobs/edit_avatar.py, perse_ray.train.extend, perse_ray.avatar.extend).
+
+One real cpu-smoke subject (the astronaut, dlib, the classical stages) is synthesized and trained
+without Ray into a registry laid out as a build leaves it; then a new level and a new attribute
+are added through the CLI. What is checked: the new part renders differently, every render that
+does not use it is bit-identical (exact tensor equality), the web bundle decodes the grown
+avatar as the model does, and bad input changes nothing in the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from perse_ray.avatar.bundle import decode_bundle, decode_gaussians, latent
+from perse_ray.config import load_config
+from perse_ray.registry import Registry
+
+REPO = Path(__file__).resolve().parent.parent
+PORTRAITS = REPO / "examples" / "portraits"
+pytestmark = pytest.mark.slow
+
+
+def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "edit_avatar.py"), "--no-progress", *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _registry_state(root: Path) -> tuple:
+    """Everything an edit may write: the index and every file under the registry."""
+    return ((root / "index.jsonl").read_bytes() if (root / "index.jsonl").is_file() else b"",
+            sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".edit.lease" not in p.name))
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """<out>/avatars (v0001 of the astronaut) and <out>/synth/frames/subject_id=…/_subject.parquet."""
+    from perse_ray.faces import load_face_model
+    from perse_ray.pipeline import synthesize_subject
+    from perse_ray.portraits import discover_subjects
+    from perse_ray.schema import table_from_rows
+    from perse_ray.synth.ingest import ingest_subject
+    from perse_ray.synth.write import SUBJECT_FILE, atomic_write_table
+    from perse_ray.train.loop import train_avatar
+
+    out = tmp_path_factory.mktemp("edit-build")
+    folder = out / "input"
+    folder.mkdir()
+    shutil.copy(PORTRAITS / "astronaut.png", folder)
+    cfg = load_config("cpu-smoke", ["train.steps=150"])  # enough for branches that have learned their edits
+    candidate = discover_subjects(folder).candidates[0]
+    subject = ingest_subject(candidate, load_face_model(cfg.faces), cfg)
+    assert subject["status"] == "ok", subject["reason"]
+    part = out / "synth" / "frames" / f"subject_id={subject['subject_id']}"
+    part.mkdir(parents=True)
+    atomic_write_table(part / SUBJECT_FILE, table_from_rows([subject], "subjects"))
+    frames = synthesize_subject(cfg, subject)
+    result = train_avatar(frames, cfg, progress=False, subject_id=subject["subject_id"])
+    Registry(out / "avatars").put(subject["subject_id"], result.avatar)
+    return out, subject["subject_id"]
+
+
+def _random_values(layout, rng, fixed: dict[str, float]):
+    attributes = {a.name: float(rng.uniform(0, a.num_edits - 1)) for a in layout.attributes}
+    attributes.update(fixed)
+    expression = {e: float(rng.uniform(-0.5, 1.0)) for e in layout.expressions}
+    return attributes, expression
+
+
+def _assert_same_renders(old, new, rng, fixed: dict[str, float], count: int = 8):
+    """At ``count`` random latents with ``fixed`` slider values, old and new decode and render to
+    exactly the same tensors (attributes the old avatar lacks are left at their source)."""
+    for _ in range(count):
+        attributes, expression = _random_values(new.layout, rng, fixed)
+        known = {k: v for k, v in attributes.items() if k in [a.name for a in old.layout.attributes]}
+        z_old, z_new = old.latent(known, expression), new.latent(attributes, expression)
+        with torch.no_grad():
+            g_old, g_new = old.model.gaussians(z_old[None]), new.model.gaussians(z_new[None])
+        for key in g_old:
+            assert torch.equal(g_old[key], g_new[key]), (key, attributes, (g_old[key] - g_new[key]).abs().max())
+        poses = [(-30.0, 5.0), (20.0, -5.0)]
+        assert torch.equal(old.render(z_old, poses, 32, 32), new.render(z_new, poses, 32, 32)), attributes
+
+
+def test_a_new_level_renders_apart_and_leaves_every_other_render_bit_identical(build):
+    out, sid = build
+    registry = Registry(out / "avatars")
+    base = registry.load(sid, "v0001")
+    run = _run("--registry", str(out / "avatars"), "--subject", f"{sid}@v0001", "--attribute", "glasses",
+               "--params", "rim=0.7,tint=0.1,frame_lightness=0.8", "--label", "clear", "--steps", "80")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    version = run.stdout.strip().splitlines()[-1].split("@")[1].split()[0]
+    grown = registry.load(sid, version)
+    assert grown.layout.attribute("glasses").edit_labels == ["source", "sunglasses", "clear"]
+    record = grown.meta["edits"][-1]
+    assert record["kind"] == "level" and record["attribute"] == "glasses" and record["base_version"] == "v0001"
+    assert record["edits"][0]["params"] == {"rim": 0.7, "tint": 0.1, "frame_lightness": 0.8} and record["steps"] == 80
+    assert grown.meta["config_hash"] == base.meta["config_hash"]  # a re-run of the build finds it
+    _assert_same_renders(base, grown, np.random.default_rng(0), {"glasses": 0.0})
+    # the fit learned the new level's frames, a look apart, past the old levels on the slider
+    # (a lens tint on a 150-step, 32-px avatar: a small region, so a small gain over the whole image)
+    scores = record["scores"]
+    assert scores["fit_psnr_new"] > scores["fit_psnr_new_before"] + 0.02, scores
+    poses = [(0.0, 0.0)]
+    at = {s: grown.render(grown.latent({"glasses": s}), poses, 32, 32) for s in (1.0, 2.0)}
+    assert (at[2.0] - at[1.0]).abs().max() > 0.01
+    index = [json.loads(line) for line in (out / "avatars" / "index.jsonl").read_text().splitlines()]
+    assert [(e["subject_id"], e["version"]) for e in index].count((sid, version)) == 1
+
+
+def test_a_new_attribute_at_zero_is_bit_identical_at_any_latent_and_the_bundle_decodes_it(build):
+    out, sid = build
+    registry = Registry(out / "avatars")
+    base = registry.load(sid, "v0001")
+    run = _run("--registry", str(out / "avatars"), "--subject", f"{sid}@v0001", "--new-attribute", "skin",
+               "--edits", "tan:tone=-0.6,warmth=0.5;pale:tone=0.7", "--steps", "80")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    version = run.stdout.strip().splitlines()[-1].split("@")[1].split()[0]
+    grown = registry.load(sid, version)
+    skin = grown.layout.attribute("skin")
+    assert skin.edit_labels == ["source", "tan", "pale"] and skin.anchored
+    assert [a.name for a in grown.layout.attributes] == [a.name for a in base.layout.attributes] + ["skin"]
+    _assert_same_renders(base, grown, np.random.default_rng(1), {"skin": 0.0})
+    scores = grown.meta["edits"][-1]["scores"]
+    assert scores["fit_psnr_new"] > scores["fit_psnr_new_before"] + 0.2, scores
+    poses = [(0.0, 0.0)]
+    source, tan = (grown.render(grown.latent({"skin": s}), poses, 32, 32) for s in (0.0, 1.0))
+    assert (tan - source).abs().max() > 0.01
+    # the browser's reference decoder follows the anchored branch, at, off and between its levels
+    bundle = decode_bundle(grown.web_bundle())
+    for values in ({"skin": 0.0, "hair": 0.4}, {"skin": 1.5, "glasses": 1.0}, {"skin": 0.3}):
+        z = latent(bundle, values)
+        ours = decode_gaussians(bundle, z)
+        with torch.no_grad():
+            ref = grown.model.gaussians(torch.from_numpy(z)[None])
+        for key, value in ours.items():
+            assert np.abs(value - ref[key][0].numpy()).max() < 1e-5, (key, values)
+
+
+@pytest.mark.parametrize("case", ["unknown subject", "unknown attribute", "clashing name", "no edits",
+                                  "reference without a face", "prompt for the classical editor", "bad params"])
+def test_bad_input_is_refused_with_a_reason_and_changes_nothing(build, case):
+    out, sid = build
+    root = out / "avatars"
+    args = {
+        "unknown subject": (["--subject", "nobody-00000000", "--attribute", "hair", "--params", "hue=0.1,amount=1"],
+                            "no avatar"),
+        "unknown attribute": (["--subject", sid, "--attribute", "moustache", "--params", "hue=0.1"],
+                              "unknown attribute 'moustache'"),
+        "clashing name": (["--subject", sid, "--new-attribute", "hair", "--edits", "x:tone=1"],
+                          "already has an attribute 'hair'"),
+        "no edits": (["--subject", sid, "--new-attribute", "skin"], "needs --edits"),
+        "reference without a face": (["--subject", sid, "--attribute", "hair", "--from-portrait",
+                                      str(PORTRAITS / "no_face_cat.jpg")], "cannot be used"),
+        "prompt for the classical editor": (["--subject", sid, "--attribute", "hair", "--prompt", "make it silver"],
+                                            "reads --params"),
+        "bad params": (["--subject", sid, "--attribute", "hair", "--params", "hue=blue"], "KEY=NUMBER"),
+    }[case]
+    before = _registry_state(root)
+    run = _run("--registry", str(root), *args[0])
+    assert run.returncode == 2, run.stdout[-1500:] + run.stderr[-1500:]
+    assert args[1] in run.stderr, run.stderr[-1500:]
+    assert _registry_state(root) == before
+
+
+def test_a_killed_edit_leaves_nothing_and_the_next_one_runs(build):
+    out, sid = build
+    root = out / "avatars"
+    before = _registry_state(root)
+    cmd = [sys.executable, str(REPO / "jobs" / "edit_avatar.py"), "--registry", str(root), "--subject", sid,
+           "--attribute", "glasses", "--params", "rim=0.5,tint=0.2", "--label", "light", "--steps", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            start_new_session=True)
+    seen = ""
+    deadline = time.monotonic() + 240
+    while "fitting" not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "fitting" in seen, seen[-2000:]
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert _registry_state(root) == before  # no version, no temp folder, no index line
+    run = _run("--registry", str(root), "--subject", sid, "--attribute", "glasses", "--params", "rim=0.5,tint=0.2",
+               "--label", "light", "--steps", "10", "--lease-timeout", "60")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    versions = [e.version for e in Registry(root).list() if e.subject_id == sid]
+    assert len(versions) == len(set(versions)) and len(versions) == len(
+        [p for p in (root / sid).iterdir() if p.name.startswith("v")])
