@@ -870,13 +870,18 @@ class LocalCluster:
     def wait_job(self, submission_id: str, timeout: float = 600) -> dict:
         """Wait until the job is SUCCEEDED, FAILED or STOPPED; returns its record."""
         deadline = time.monotonic() + timeout
+        info, last_error = {}, None
         while True:
-            info = self.job(submission_id)
-            if info.get("status") in ("SUCCEEDED", "FAILED", "STOPPED"):
-                return info
+            try:
+                info = self.job(submission_id)
+            except (RuntimeError, OSError) as e:  # a dashboard slow to answer (a node just died): ask again
+                last_error = e
+            else:
+                if info.get("status") in ("SUCCEEDED", "FAILED", "STOPPED"):
+                    return info
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {submission_id} still {info.get('status')} after "
-                                   f"{timeout:.0f} s")
+                raise TimeoutError(f"job {submission_id} still {info.get('status')} after {timeout:.0f} s"
+                                   + (f" (last job API error: {last_error})" if last_error else ""))
             time.sleep(0.5)
 
     # -- commands inside the cluster's network -------------------------------------------------

@@ -47,7 +47,10 @@ def _build(cluster, portraits: Path, output: Path, submission: str, *extra: str,
 def _wait_for(predicate, cluster, submission: str, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        status = cluster.job(submission)["status"]
+        try:
+            status = cluster.job(submission)["status"]
+        except (RuntimeError, OSError):  # the dashboard slow to answer (a node just died): look again
+            status = "RUNNING"
         assert status in ("PENDING", "RUNNING"), f"job {status} before {what}:\n" + cluster.job_logs(submission)[-4000:]
         assert time.monotonic() < deadline, f"no {what} in {timeout} s:\n" + cluster.job_logs(submission)[-4000:]
         time.sleep(0.2)
