@@ -10,9 +10,9 @@
 The subject's aligned portrait (from the build's synthesis output, <registry>/../synth unless
 --synth says otherwise) and the shared motion script make the new edit's 2D frames with the same
 stages a build runs (edit, animate, morph references, identity filter). Then only the new part is
-fitted: for a new level its code and the attribute's z-input weights (the attribute's old levels
-are replayed so they stay put), for a new attribute a new branch that adds nothing at its source
-code. Every render that does not use the new part stays bit-identical. The result is the subject's
+fitted: for a new level its code and a residual branch on the attribute (the attribute's old
+levels are replayed so they stay put), for a new attribute a new branch; both add exactly nothing
+at their source code, so every render with that slider at 0 stays bit-identical. The result is the subject's
 next registry version; its avatar.json's "edits" records what was added, from what, and its scores.
 Serve, the viewer, .ply export and the web bundle read it like any other version.
 

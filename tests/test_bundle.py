@@ -44,8 +44,9 @@ def _need(path_or_none, what: str):
 
 def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchored=False) -> AvatarModel:
     """A model with random (not zero) decoder outputs, so every branch moves every parameter in its region;
-    ``anchored``: with an attribute added after training (``grow_attribute``), whose branch is anchored."""
-    from perse_ray.avatar.extend import grow_attribute
+    ``anchored``: with a level and an attribute added after training (``grow_level``, ``grow_attribute``):
+    a residual branch and an anchored one."""
+    from perse_ray.avatar.extend import grow_attribute, grow_level
 
     cfg = load_config("cpu-smoke", [f"avatar.num_gaussians={num_gaussians}",
                                     f"avatar.hidden_layers={hidden_layers}", "avatar.code_dim=4"])
@@ -54,6 +55,7 @@ def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchore
         layout = LatentLayout([], layout.attributes)
     model = AvatarModel(layout, cfg.avatar, seed=seed)
     if anchored:
+        model, _ = grow_level(model, model.layout.attributes[0].name, "teal", seed=seed)
         model, _ = grow_attribute(model, "skin", ["tan", "pale"], seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -157,9 +159,10 @@ def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(t
         for k, v in _max_errors(got, _reference(model, a, e)).items():
             worst[k] = max(worst[k], v)
     assert max(worst.values()) <= 1e-5, worst
-    branches = 1 + len(model.layout.attributes)
-    assert results[0]["decodes"] == branches
-    assert [r["decodes"] for r in results[20:20 + moved]] == [1, 0] + ([1] if expressions else [])
+    branches = model.layout.branches()
+    assert results[0]["decodes"] == len(branches)
+    on_first = sum(b.input == first.name for b in branches)  # the attribute's own branch and its residuals
+    assert [r["decodes"] for r in results[20:20 + moved]] == [on_first, 0] + ([1] if expressions else [])
 
 
 def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:

@@ -199,3 +199,45 @@ def test_a_killed_edit_leaves_nothing_and_the_next_one_runs(build):
     versions = [e.version for e in Registry(root).list() if e.subject_id == sid]
     assert len(versions) == len(set(versions)) and len(versions) == len(
         [p for p in (root / sid).iterdir() if p.name.startswith("v")])
+
+
+def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts():
+    """Level, attribute, then another level of the same attribute: branches are matched by what they
+    see, not by position, and each grown part is exactly zero at its source code."""
+    from perse_ray.avatar.extend import grow_attribute, grow_level
+    from perse_ray.avatar.io import Avatar
+    from perse_ray.avatar.layout import LatentLayout
+    from perse_ray.avatar.model import AvatarModel
+
+    cfg = load_config("cpu-smoke", ["avatar.num_gaussians=200"])
+    model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=3)
+    g = torch.Generator().manual_seed(4)
+
+    def scramble(m, trainable=None):  # random weights where a fit could move them
+        with torch.no_grad():
+            named = dict(m.named_parameters())
+            for name, p in named.items():
+                if name.startswith(("decoder.", "codes.")):
+                    noise = 0.3 * torch.randn(p.shape, generator=g)
+                    p.add_(noise if trainable is None else torch.where(trainable.masks.get(name, torch.zeros_like(
+                        p, dtype=torch.bool)), noise, 0.0))
+        return m
+
+    base = scramble(model)
+    with torch.no_grad():
+        base.set_branch_regions(torch.rand(base.branch_regions.shape, generator=g) < 0.7)
+    camera = {"fov_deg": 30.0, "distance": 0.65}
+    steps = [("level", "hair", "teal"), ("attribute", "skin", ["tan"]), ("level", "hair", "silver")]
+    current = base
+    for kind, name, labels in steps:
+        grown, trainable = (grow_level(current, name, labels) if kind == "level"
+                            else grow_attribute(current, name, labels))
+        scramble(grown, trainable)
+        _assert_same_renders(Avatar(current, {"camera": camera}), Avatar(grown, {"camera": camera}),
+                             np.random.default_rng(len(name)), {name: 0.0}, count=4)
+        current = grown
+    hair = current.layout.attribute("hair")
+    assert hair.edit_labels == ["source", "auburn", "teal", "silver"] and hair.residuals == 2
+    # and the very first avatar, wherever every added slider is at its source
+    _assert_same_renders(Avatar(base, {"camera": camera}), Avatar(current, {"camera": camera}),
+                         np.random.default_rng(9), {"hair": 0.0, "skin": 0.0}, count=4)

@@ -12,8 +12,9 @@ The sections are the canonical Gaussians (means, quats, log_scales, opacity_logi
 features), every attribute's code table (row 0 = the source, zeros) and the decoder's weights per
 branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``branch_regions`` [branches, N]
 (1 where a branch acts on a Gaussian, 0 where it adds nothing); the learned backdrop when
-the avatar has one. An attribute the layout marks ``anchored`` (added after training) has a branch
-that outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The decoder is stored as weights rather than precomputed tables: a branch's
+the avatar has one. The branches are the layout's (``LatentLayout.branches``: the expression, each
+attribute, then each attribute's residual branches); an anchored one (added after training)
+outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The decoder is stored as weights rather than precomputed tables: a branch's
 output depends non-linearly on its code, so a table would only be exact at the edit codes.
 
 ``decode_bundle`` validates everything a reader relies on (magic, version, header length, JSON,
@@ -35,7 +36,7 @@ import numpy as np
 
 MAGIC = b"PRWB"
 BUNDLE_FORMAT = "perse-ray-web-bundle"
-BUNDLE_VERSION = 3  # 2: branch_regions; 3: anchored attributes (the layout says which)
+BUNDLE_VERSION = 3  # 2: branch_regions; 3: anchored and residual branches (the layout says which)
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # a 50k-Gaussian gpu-preset avatar is ~10 MB
 MAX_HEADER_BYTES = 1024 * 1024
 _PREFIX = struct.Struct("<4sII")
@@ -72,10 +73,14 @@ def _sections(model) -> dict[str, np.ndarray]:
     for i, (w, b) in enumerate(zip(dec.w_hidden, dec.b_hidden)):
         out[f"w_hidden.{i}"], out[f"b_hidden.{i}"] = f32(w), f32(b)
     out.update(w_out=f32(dec.w_out), b_out=f32(dec.b_out))
-    # 1 where a branch acts on a Gaussian, 0 where it adds nothing (row 0: the expression branch).
+    # 1 where a branch acts on a Gaussian, 0 where it adds nothing (the expression branch: all;
+    # an attribute's residual branches: the attribute's region).
     regions = torch.ones(len(dec.branch_dims), model.means.shape[0])
     if getattr(model, "branch_regions", None) is not None:
-        regions[1:] = model.branch_regions.float()
+        rows = {a.name: m for a, m in zip(model.layout.attributes, model.branch_regions.float())}
+        for i, b in enumerate(model.layout.branches()):
+            if b.input != "expression":
+                regions[i] = rows[b.input]
     out["branch_regions"] = f32(regions)
     if model.backdrop is not None:
         out["backdrop"] = f32(model.backdrop)
@@ -107,7 +112,7 @@ def encode_bundle(model, camera: dict[str, Any], *, avatar_id: str | None = None
         "decoder": {"activation": "silu", "feature_dim": int(cfg.feature_dim), "pos_freqs": int(cfg.pos_freqs),
                     "position_scale": POSITION_SCALE, "hidden_dim": int(cfg.hidden_dim),
                     "hidden_layers": int(cfg.hidden_layers), "branch_dims": list(dec.branch_dims),
-                    "branches": ["expression"] + [a.name for a in layout.attributes],
+                    "branches": [b.input for b in layout.branches()],
                     "outputs": [[k, int(DELTA_CHANNELS[k]), float(DELTA_UNITS[k])] for k in DELTA_CHANNELS]},
         "sections": table,
     }
@@ -166,8 +171,8 @@ def _check_header(h: Any) -> None:
             raise BundleError(f"header: decoder outputs {d['outputs']} are not mean/quat/scale/opacity/color")
         if d["activation"] != "silu":
             raise BundleError(f"header: unknown activation {d['activation']!r}")
-        want_dims = [max(layout.exp_dim, 1)] + [a.code_dim for a in layout.attributes]
-        if list(d["branch_dims"]) != want_dims or len(d["branches"]) != len(want_dims):
+        want_dims = layout.branch_dims()
+        if list(d["branch_dims"]) != want_dims or list(d["branches"]) != [b.input for b in layout.branches()]:
             raise BundleError(f"header: branch_dims {d['branch_dims']} do not match the layout ({want_dims})")
         for v in (cam["fov_deg"], cam["distance"], d["position_scale"], *(u for _, _, u in d["outputs"])):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -272,14 +277,14 @@ def latent(bundle: WebBundle, attributes: dict[str, float] | None = None,
     return np.concatenate(parts).astype(np.float32)
 
 
-def branch_inputs(bundle: WebBundle, z: np.ndarray) -> list[np.ndarray]:
-    """The slice of z each branch sees (a layout without expressions feeds a zero)."""
-    lay, out, start = bundle.header["layout"], [], len(bundle.header["layout"]["expressions"])
-    out.append(z[:start] if start else np.zeros(1, np.float32))
-    for a in lay["attributes"]:
-        out.append(z[start:start + a["code_dim"]])
-        start += a["code_dim"]
-    return out
+def branch_inputs(bundle: WebBundle, z: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+    """(the slice of z, anchored) of each decoder branch (a layout without expressions feeds a zero)."""
+    from perse_ray.avatar.layout import LatentLayout
+
+    layout = LatentLayout.from_dict(bundle.header["layout"])
+    slices = layout.slices()
+    return [(z[slices[b.input]] if b.input != "expression" or layout.exp_dim else np.zeros(1, np.float32), b.anchored)
+            for b in layout.branches()]
 
 
 def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
@@ -287,8 +292,6 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
     h, a = bundle.header["decoder"], bundle.arrays
     pos = positional_encoding(a["means"] / np.float32(h["position_scale"]), h["pos_freqs"])
     gauss_in = np.concatenate([a["features"], pos], axis=-1)
-    anchored = [False] + [bool(x.get("anchored", False)) for x in bundle.header["layout"]["attributes"]]
-
     def branch(b: int, zb: np.ndarray) -> np.ndarray:
         x = _silu(gauss_in @ a["w_gauss"][b] + (zb @ a["w_z"][b, :len(zb)] + a["b_in"][b]))
         for i in range(h["hidden_layers"] - 1):
@@ -296,8 +299,8 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
         return x @ a["w_out"][b] + a["b_out"][b]
 
     total = None
-    for b, zb in enumerate(branch_inputs(bundle, np.asarray(z, np.float32))):
-        if not anchored[b]:
+    for b, (zb, anchored) in enumerate(branch_inputs(bundle, np.asarray(z, np.float32))):
+        if not anchored:
             out = branch(b, zb)
         elif (zb == 0).all():
             out = np.zeros((len(gauss_in), a["w_out"].shape[-1]), np.float32)

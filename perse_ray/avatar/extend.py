@@ -1,18 +1,20 @@
 """Grow a trained avatar without retraining it: one more edit level, or one more attribute.
 
-The decoder is a sum of per-attribute branches, each seeing only its own slice of z, so:
+The decoder is a sum of branches, each seeing only its own slice of z, so:
 
-- **a new level** of attribute ``a`` is one more row of ``a``'s code table. Fitting it moves that
-  code and ``a``'s branch's z-input weights (``w_z``), the only part of the branch multiplied by z:
-  at ``a``'s source code (zero) the branch computes exactly what it did, so every render with ``a``
-  at 0 is bit-identical to the base avatar's.
-- **a new attribute** is one more branch, *anchored* (``AttributeLayout.anchored``: it outputs
-  f(z) − f(0), and exactly zero at its source code), with its own codes. Fitting it moves only that
-  branch and those codes, so with its slider at 0 every render is bit-identical to the base's.
+- **a new level** of attribute ``a`` is one more row of ``a``'s code table and one more *residual*
+  branch on ``a``'s slice, anchored (``AttributeLayout``: it outputs f(z) − f(0), exactly zero at
+  the source code). The residual starts as a copy of ``a``'s branch with a zero output layer (the
+  features that branch learned, adding nothing yet); fitting it moves that residual and the new
+  code. Every render with ``a`` at 0 stays bit-identical; ``a``'s old levels move only as far as
+  the residual's output at their codes, which a fit replaying them keeps small.
+- **a new attribute** is one more anchored branch with its own codes; fitting it moves only those,
+  so with its slider at 0 every render is bit-identical to the base's.
 
-``grow_level``/``grow_attribute`` return the grown model (every old tensor copied) and the
-``Trainable`` set that a fit may change; everything outside it must stay as it is, which
-``Trainable.restore`` enforces after each optimizer step (exactly, not up to Adam's epsilon).
+``grow_level``/``grow_attribute`` return the grown model (every old tensor copied, matched by
+branch, not by position) and the ``Trainable`` set that a fit may change; everything outside it
+must stay as it is, which ``Trainable.restore`` enforces after each optimizer step (exactly, not up
+to Adam's epsilon).
 """
 
 from __future__ import annotations
@@ -49,44 +51,75 @@ class Trainable:
             p.copy_(torch.where(mask.to(p.device), p, snapshot[name].to(p.device)))
 
 
-def _branch_index(layout: LatentLayout, attribute: str) -> int:
-    names = [a.name for a in layout.attributes]
-    if attribute not in names:
-        raise KeyError(f"unknown attribute {attribute!r}; the avatar has {names}")
-    return 1 + names.index(attribute)  # branch 0 is the expression
+def branch_keys(layout: LatentLayout) -> list[tuple[str, int]]:
+    """Each decoder branch as (its input, how many branches before it share that input): stable
+    when a layout grows, whatever the position a new branch takes."""
+    seen: dict[str, int] = {}
+    keys = []
+    for b in layout.branches():
+        keys.append((b.input, seen.get(b.input, 0)))
+        seen[b.input] = seen.get(b.input, 0) + 1
+    return keys
 
 
 def _copy_shared(src: AvatarModel, dst: AvatarModel) -> None:
-    """Copy every tensor of ``src`` into ``dst`` (same name), into the first rows where ``dst``'s is
-    longer (a code table with one more level, a decoder stack with one more branch)."""
+    """Copy every tensor of ``src`` into ``dst``: decoder stacks branch by branch (``branch_keys``),
+    region rows attribute by attribute, code tables into their first rows, the rest whole."""
+    where = {key: i for i, key in enumerate(branch_keys(dst.layout))}
+    branch_map = [(i, where[key]) for i, key in enumerate(branch_keys(src.layout))]
+    dst_attrs = [a.name for a in dst.layout.attributes]
+    row_map = [(i, dst_attrs.index(a.name)) for i, a in enumerate(src.layout.attributes)]
     target = dst.state_dict()
     with torch.no_grad():
         for name, value in src.state_dict().items():
             t = target[name]
-            if t.shape == value.shape:
+            if name.startswith("decoder."):
+                for i, j in branch_map:
+                    t[j].copy_(value[i])
+            elif name == "branch_regions":
+                for i, j in row_map:
+                    t[j].copy_(value[i])
+            elif t.shape == value.shape:
                 t.copy_(value)
-            elif t.dim() and t.shape[1:] == value.shape[1:] and t.shape[0] > value.shape[0]:
-                t[: value.shape[0]].copy_(value)  # a stacked tensor grown by one branch
+            elif name.startswith("codes.") and t.shape[1:] == value.shape[1:] and t.shape[0] > value.shape[0]:
+                t[: value.shape[0]].copy_(value)
             else:
                 raise ValueError(f"{name}: cannot grow {list(value.shape)} into {list(t.shape)}")
 
 
+def _branch_masks(model: AvatarModel, branch: int) -> dict[str, torch.Tensor]:
+    """Trainable masks selecting one branch's slice of every decoder parameter."""
+    masks = {}
+    for pname, p in model.decoder.named_parameters():
+        mask = torch.zeros_like(p, dtype=torch.bool)
+        mask[branch] = True
+        masks[f"decoder.{pname}"] = mask
+    return masks
+
+
 def grow_level(model: AvatarModel, attribute: str, label: str, seed: int = 0,
                init: torch.Tensor | None = None) -> tuple[AvatarModel, Trainable]:
-    """``model`` with one more edit level ``label`` of ``attribute`` (its code seeded near the others,
-    or ``init``), and what fitting it may change: that code and the branch's z-input weights."""
+    """``model`` with one more edit level ``label`` of ``attribute`` (its code seeded near the
+    others, or ``init``) and one more residual branch on it, and what fitting it may change: that
+    residual and the new code."""
     layout = model.layout
-    b = _branch_index(layout, attribute)
+    names = [a.name for a in layout.attributes]
+    if attribute not in names:
+        raise KeyError(f"unknown attribute {attribute!r}; the avatar has {names}")
     old = layout.attribute(attribute)
     if label in old.edit_labels:
         raise ValueError(f"attribute {attribute!r} already has a level {label!r}: {old.edit_labels}")
     grown = LatentLayout(layout.expressions, [
-        dataclasses.replace(a, edit_labels=[*a.edit_labels, label]) if a.name == attribute else a
-        for a in layout.attributes])
+        dataclasses.replace(a, edit_labels=[*a.edit_labels, label], residuals=a.residuals + 1)
+        if a.name == attribute else a for a in layout.attributes])
     new = AvatarModel(grown, model.cfg)
     _copy_shared(model, new)
+    keys = branch_keys(grown)
+    residual, main = keys.index((attribute, old.residuals + 1)), keys.index((attribute, 0))
     codes = model.codes[attribute].detach()
     with torch.no_grad():
+        for pname, p in new.decoder.named_parameters():  # the attribute's features, adding nothing yet
+            p[residual].copy_(torch.zeros_like(p[main]) if pname in ("w_out", "b_out") else p[main])
         if init is not None:
             new.codes[attribute][-1].copy_(init)
         else:  # near the learned levels, where the branch has seen inputs, not at the source
@@ -94,9 +127,7 @@ def grow_level(model: AvatarModel, attribute: str, label: str, seed: int = 0,
             new.codes[attribute][-1].copy_(codes.mean(0) + 0.1 * torch.randn(codes.shape[1], generator=gen))
     code_mask = torch.zeros_like(new.codes[attribute], dtype=torch.bool)
     code_mask[-1] = True
-    w_z = torch.zeros_like(new.decoder.w_z, dtype=torch.bool)
-    w_z[b, : old.code_dim] = True
-    return new, Trainable({f"codes.{attribute}": code_mask, "decoder.w_z": w_z})
+    return new, Trainable({**_branch_masks(new, residual), f"codes.{attribute}": code_mask})
 
 
 def grow_attribute(model: AvatarModel, name: str, labels: list[str], seed: int = 0
@@ -116,11 +147,6 @@ def grow_attribute(model: AvatarModel, name: str, labels: list[str], seed: int =
         torch.manual_seed(seed)
         new = AvatarModel(grown, model.cfg, seed=seed)
     _copy_shared(model, new)  # every old tensor; the new branch and codes keep their fresh, seeded values
-    b = len(grown.attributes)  # the new branch (0 is the expression)
-    masks = {}
-    for pname, p in new.decoder.named_parameters():
-        mask = torch.zeros_like(p, dtype=torch.bool)
-        mask[b] = True
-        masks[f"decoder.{pname}"] = mask
-    masks[f"codes.{name}"] = torch.ones_like(new.codes[name], dtype=torch.bool)
-    return new, Trainable(masks)
+    branch = branch_keys(grown).index((name, 0))
+    return new, Trainable({**_branch_masks(new, branch),
+                           f"codes.{name}": torch.ones_like(new.codes[name], dtype=torch.bool)})

@@ -5,16 +5,20 @@ owns a learned code per edit (edit 0 = the unedited source, fixed at zero); a sl
 s ∈ [0, K−1] is the linear interpolation of the two adjacent edit codes, so sliders are continuous
 by construction and the interpolation loss can supervise the in-between values.
 
-An ``anchored`` attribute (one added to an avatar after training, ``perse_ray.avatar.extend``)
-has a branch that adds exactly nothing at its source code: the branch outputs f(z) − f(0), and
-exactly zero where its slice of z is all zeros, so every render with that slider at 0 is
-bit-identical to the avatar without it.
+The decoder has one branch per part of z (``LatentLayout.branches``). Parts added to an avatar
+after training (``perse_ray.avatar.extend``) get *anchored* branches, which add exactly nothing
+at the source code: such a branch outputs f(z) − f(0), and exactly zero where its slice of z is
+all zeros. A new attribute is ``anchored`` (every render with its slider at 0 is bit-identical to
+the avatar without it); a new level of an attribute adds one ``residual`` anchored branch on that
+attribute's slice (every render with that slider at 0 stays bit-identical).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+
+MAX_RESIDUALS = 64  # residual branches per attribute (new levels added after training); readers cap on it
 
 
 @dataclass(frozen=True)
@@ -23,10 +27,20 @@ class AttributeLayout:
     edit_labels: list[str]  # edit_labels[0] is the source ("source")
     code_dim: int
     anchored: bool = False  # its branch adds exactly nothing at the source code (see the module doc)
+    residuals: int = 0  # anchored branches added on its slice of z after training (new levels)
 
     @property
     def num_edits(self) -> int:
         return len(self.edit_labels)
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One decoder branch: the part of z it sees ("expression" or an attribute's name) and whether
+    it is anchored (outputs f(z) − f(0), exactly zero at the source code)."""
+
+    input: str
+    anchored: bool
 
 
 @dataclass(frozen=True)
@@ -39,8 +53,9 @@ class LatentLayout:
         if len(set(names)) != len(names) or len(set(self.expressions)) != len(self.expressions):
             raise ValueError(f"duplicate attribute or expression names: {names}, {self.expressions}")
         for a in self.attributes:
-            if a.num_edits < 2 or a.code_dim < 1:
-                raise ValueError(f"attribute {a.name!r} needs >= 2 edits (source + 1) and code_dim >= 1")
+            if a.num_edits < 2 or a.code_dim < 1 or not 0 <= a.residuals <= MAX_RESIDUALS:
+                raise ValueError(f"attribute {a.name!r} needs >= 2 edits (source + 1), code_dim >= 1 "
+                                 f"and residuals in 0..{MAX_RESIDUALS}")
 
     @classmethod
     def from_config(cls, synth_cfg, code_dim: int) -> "LatentLayout":
@@ -57,6 +72,16 @@ class LatentLayout:
     @property
     def dim(self) -> int:
         return self.exp_dim + sum(a.code_dim for a in self.attributes)
+
+    def branches(self) -> list[Branch]:
+        """The decoder's branches in order: the expression, each attribute, then every attribute's
+        residual branches (the order the browser's decoder follows too)."""
+        out = [Branch("expression", False)] + [Branch(a.name, a.anchored) for a in self.attributes]
+        return out + [Branch(a.name, True) for a in self.attributes for _ in range(a.residuals)]
+
+    def branch_dims(self) -> list[int]:
+        dims = {a.name: a.code_dim for a in self.attributes}
+        return [max(self.exp_dim, 1) if b.input == "expression" else dims[b.input] for b in self.branches()]
 
     def slices(self) -> dict[str, slice]:
         """Where each part lives in z: ``"expression"`` and one entry per attribute name."""
@@ -94,7 +119,8 @@ class LatentLayout:
     def from_dict(cls, data: dict) -> "LatentLayout":
         return cls(expressions=[str(e) for e in data["expressions"]],
                    attributes=[AttributeLayout(str(a["name"]), [str(x) for x in a["edit_labels"]],
-                                               int(a["code_dim"]), bool(a.get("anchored", False)))
+                                               int(a["code_dim"]), bool(a.get("anchored", False)),
+                                               int(a.get("residuals", 0)))
                                for a in data["attributes"]])
 
     @classmethod

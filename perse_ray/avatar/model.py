@@ -150,8 +150,7 @@ class AvatarModel(nn.Module):
             a.name: nn.Parameter(0.1 * torch.randn(a.num_edits - 1, a.code_dim, generator=gen))
             for a in layout.attributes})
         gauss_dim = cfg.feature_dim + 3 + 6 * cfg.pos_freqs
-        branch_dims = [max(layout.exp_dim, 1)] + [a.code_dim for a in layout.attributes]
-        self.decoder = BranchDecoder(gauss_dim, branch_dims, cfg.hidden_dim, cfg.hidden_layers)
+        self.decoder = BranchDecoder(gauss_dim, layout.branch_dims(), cfg.hidden_dim, cfg.hidden_layers)
         if cfg.branch_regions:
             # Which Gaussians each attribute branch may move (row = attribute); set by training
             # from the edits' masks (``set_branch_regions``). All at first: no restriction.
@@ -202,8 +201,11 @@ class AvatarModel(nn.Module):
             return None
         key = (mask.data_ptr(), mask._version, mask.device)
         if key != self._regions_key:
-            rows = [None if bool(m.all()) else torch.nonzero(m).flatten() for m in mask]
-            self._regions_key, self._regions = key, [None] + rows  # the expression branch moves all
+            rows = {a.name: None if bool(m.all()) else torch.nonzero(m).flatten()
+                    for a, m in zip(self.layout.attributes, mask)}
+            # the expression branch moves all; an attribute's residual branches share its region
+            self._regions_key = key
+            self._regions = [None if b.input == "expression" else rows[b.input] for b in self.layout.branches()]
         return self._regions
 
     @torch.no_grad()
@@ -214,23 +216,27 @@ class AvatarModel(nn.Module):
     def latent_groups(self, expression: torch.Tensor, selections: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``compose``'s inputs → each decoder branch's distinct rows (``row_groups``), from values
         the trainer holds on the CPU anyway: the decoder then needs no look at z on the device."""
-        rows = [expression if self.layout.exp_dim else expression.new_zeros(expression.shape[0], 1)]
-        rows += [selections[:, i] for i in range(len(self.layout.attributes))]
-        return [row_groups(r) for r in rows]
+        index = {a.name: i for i, a in enumerate(self.layout.attributes)}
+        exp = expression if self.layout.exp_dim else expression.new_zeros(expression.shape[0], 1)
+        groups = {name: row_groups(selections[:, i]) for name, i in index.items()}
+        groups["expression"] = row_groups(exp)
+        return [groups[b.input] for b in self.layout.branches()]
 
     def gaussians(self, z: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                   ) -> dict[str, torch.Tensor]:
         """Decode latents z [B, dim] into activated Gaussians, each [B, N, ...]. ``groups``: see
         ``latent_groups`` (found from z when not given)."""
         slices = self.layout.slices()
-        branches = [z[:, slices["expression"]] if self.layout.exp_dim else z.new_zeros(z.shape[0], 1)]
-        branches += [z[:, slices[a.name]] for a in self.layout.attributes]
+        if not self.layout.exp_dim:
+            slices["expression"] = None
+        layout_branches = self.layout.branches()
+        branches = [z.new_zeros(z.shape[0], 1) if slices[b.input] is None else z[:, slices[b.input]]
+                    for b in layout_branches]
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
-        anchored = [False] + [a.anchored for a in self.layout.attributes]
         deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices(),
-                              anchored)
+                              [b.anchored for b in layout_branches])
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         return {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],

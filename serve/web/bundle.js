@@ -2,9 +2,10 @@
 // Pure ES module with no DOM use, so Node runs the same code in the tests.
 
 export const MAGIC = "PRWB";
-export const BUNDLE_VERSION = 3; // 2: branch_regions; 3: anchored attributes
+export const BUNDLE_VERSION = 3; // 2: branch_regions; 3: anchored and residual branches
 export const MAX_BUNDLE_BYTES = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES = 1024 * 1024;
+const MAX_RESIDUALS = 64; // as perse_ray/avatar/layout.py
 const OUTPUTS = [["mean", 3], ["quat", 4], ["scale", 3], ["opacity", 1], ["color", 3]];
 
 export class BundleError extends Error {
@@ -26,6 +27,18 @@ function expectedShapes(h) {
   return shapes;
 }
 
+/**
+ * The decoder's branches, as LatentLayout.branches orders them: the expression, each attribute,
+ * then each attribute's residual branches (added after training). {input, anchored}; an anchored
+ * branch outputs f(z) - f(0), exactly zero where its input is all zeros.
+ */
+export function layoutBranches(lay) {
+  const out = [{ input: "expression", anchored: false }];
+  for (const a of lay.attributes) out.push({ input: a.name, anchored: Boolean(a.anchored) });
+  for (const a of lay.attributes) for (let r = 0; r < (a.residuals || 0); r++) out.push({ input: a.name, anchored: true });
+  return out;
+}
+
 function checkHeader(h) {
   const fail = (m) => { throw new BundleError(`header: ${m}`); };
   if (!h || typeof h !== "object" || h.format !== "perse-ray-web-bundle") fail("not a perse-ray web bundle");
@@ -35,7 +48,13 @@ function checkHeader(h) {
   const ints = [h.num_gaussians, d.feature_dim, d.pos_freqs, d.hidden_dim, d.hidden_layers, ...(d.branch_dims || [])];
   if (!ints.every((v) => Number.isInteger(v) && v >= 0) || h.num_gaussians < 1 || d.hidden_layers < 1) fail("counts must be positive integers");
   if (d.activation !== "silu") fail(`unknown activation ${d.activation}`);
-  const dims = [Math.max(lay.expressions.length, 1), ...lay.attributes.map((a) => a.code_dim)];
+  for (const a of lay.attributes) {
+    const r = a.residuals ?? 0;
+    if (!Number.isInteger(r) || r < 0 || r > MAX_RESIDUALS) fail(`attribute ${a.name}: residuals ${r} not in 0..${MAX_RESIDUALS}`);
+  }
+  const branches = layoutBranches(lay);
+  const dims = branches.map((b) => (b.input === "expression" ? Math.max(lay.expressions.length, 1)
+    : lay.attributes.find((a) => a.name === b.input).code_dim));
   if (JSON.stringify(dims) !== JSON.stringify(d.branch_dims)) fail(`branch_dims ${d.branch_dims} do not match the layout`);
   if (!Array.isArray(d.outputs) || JSON.stringify(d.outputs.map((o) => [o[0], o[1]])) !== JSON.stringify(OUTPUTS)) fail("unexpected decoder outputs");
   for (const v of [cam.fov_deg, cam.distance, d.position_scale, ...d.outputs.map((o) => o[2])]) {
@@ -114,10 +133,10 @@ export function composeLatent(bundle, attributes = {}, expression = {}) {
 /** Where each branch's input sits in z: [start, length] (a layout without expressions feeds a zero). */
 export function branchSlices(bundle) {
   const lay = bundle.header.layout;
-  const out = [[0, lay.expressions.length]];
+  const where = { expression: [0, lay.expressions.length] };
   let at = lay.expressions.length;
-  for (const a of lay.attributes) { out.push([at, a.code_dim]); at += a.code_dim; }
-  return out;
+  for (const a of lay.attributes) { where[a.name] = [at, a.code_dim]; at += a.code_dim; }
+  return layoutBranches(lay).map((b) => where[b.input]);
 }
 
 const silu = (x) => x / (1 + Math.exp(-x));
@@ -165,9 +184,9 @@ export class Decoder {
         this.gproj[b].set(acc, i * H);
       }
     }
-    // An anchored branch (an attribute added after training) outputs f(z) - f(0), and exactly zero
+    // An anchored branch (a part added after training) outputs f(z) - f(0), and exactly zero
     // at z = 0; its f(0) is computed once, on first use.
-    this.anchored = [false, ...h.layout.attributes.map((x) => Boolean(x.anchored))];
+    this.anchored = layoutBranches(h.layout).map((b) => b.anchored);
     this.anchors = new Array(this.nb).fill(null);
     this.outputs = new Array(this.nb).fill(null);
     this.keys = new Array(this.nb).fill(null);
