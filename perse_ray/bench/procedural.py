@@ -1,8 +1,8 @@
 """A procedural head made of Gaussians with known attributes and expression knobs: ground truth.
 
-No model weights can say how good an avatar is; this head can. It has three continuous
+No model weights can say how good an avatar is; this head can. It has four continuous
 attributes that change known regions — hair colour, beard density, glasses (rim opacity and lens
-tint) — and three expression knobs — jaw_open (the jaw, chin, lower lip and beard rotate about a
+tint), skin tone (the one no preset trains, for edits after training) — and three expression knobs — jaw_open (the jaw, chin, lower lip and beard rotate about a
 hinge; the mouth interior shows), smile (mouth corners move up and out), brow_raise (brows move
 up). It contains a shaded skin ellipsoid, neck, ears, nose, eyes with pupils, brows, lips and a
 hair cap, about 3,400 Gaussians. Rendered through the same cameras and motion script as the 2D
@@ -26,10 +26,15 @@ import torch
 EXPRESSIONS = ("jaw_open", "smile", "brow_raise")
 # Per-edit key values of each attribute's parameters (edit 0 = the source head). Attributes with
 # fewer edits in a config use the first K keys.
-HAIR_COLORS = [(0.22, 0.13, 0.07), (0.62, 0.24, 0.10), (0.92, 0.86, 0.66), (0.15, 0.15, 0.16)]
+# The last key of each is a spare level no preset trains: edits after training add it
+# (benchmarks/edit_bench.py), so its hair colour is one no trained level is near.
+HAIR_COLORS = [(0.22, 0.13, 0.07), (0.62, 0.24, 0.10), (0.92, 0.86, 0.66), (0.10, 0.42, 0.46)]
 BEARD_DENSITY = [0.0, 0.4, 0.95, 0.7]
 GLASSES_KEYS = [(0.0, 0.0), (0.6, 0.0), (1.0, 0.85), (0.8, 0.4)]  # (rim opacity, lens tint)
-ATTRIBUTES = ("hair", "beard", "glasses")
+# Skin tone (a colour multiplier on the face, neck and ears): an attribute no preset's layout has,
+# for adding a whole attribute to a trained avatar (benchmarks/edit_bench.py).
+SKIN_TONES = [(1.0, 1.0, 1.0), (0.74, 0.62, 0.52), (1.12, 1.12, 1.16)]
+ATTRIBUTES = ("hair", "beard", "glasses", "skin")
 
 
 def _piecewise(keys: list, v: float) -> np.ndarray:
@@ -76,7 +81,7 @@ class ProceduralHead:
     name = "gaussian"
     attributes = ATTRIBUTES
     expressions = EXPRESSIONS
-    keys = {"hair": HAIR_COLORS, "beard": BEARD_DENSITY, "glasses": GLASSES_KEYS}
+    keys = {"hair": HAIR_COLORS, "beard": BEARD_DENSITY, "glasses": GLASSES_KEYS, "skin": SKIN_TONES}
 
     def __init__(self, seed: int = 0):
         rng = np.random.default_rng(seed)
@@ -193,7 +198,7 @@ class ProceduralHead:
 
     def region(self, attribute: str) -> np.ndarray:
         """Boolean [N]: the Gaussians an attribute changes."""
-        tags = {"hair": ["hair"], "beard": ["beard"], "glasses": ["glasses_rim", "glasses_lens"]}
+        tags = {"hair": ["hair"], "beard": ["beard"], "glasses": ["glasses_rim", "glasses_lens"], "skin": ["skin"]}
         if attribute not in tags:
             raise ValueError(f"the procedural head models attributes {list(tags)}; got {attribute!r}")
         return np.isin(self.tags, tags[attribute])
@@ -240,6 +245,7 @@ class ProceduralHead:
         rim, tint = _piecewise(GLASSES_KEYS, attributes.get("glasses", 0))
         opacity[tags == "glasses_rim"] = 0.98 * rim
         opacity[tags == "glasses_lens"] = 0.9 * tint
+        colors[tags == "skin"] = np.clip(colors[tags == "skin"] * _piecewise(SKIN_TONES, attributes.get("skin", 0)), 0, 1)
 
         brow = expression.get("brow_raise", 0.0)
         means[tags == "brow", 1] -= 0.012 * brow
