@@ -45,7 +45,8 @@ BUNDLE_RESPONSES = {200: {"content": {"application/octet-stream": {}},
 
 
 class BundleCache:
-    """``subject@version`` -> (bundle bytes, ETag), least recently used out first; builds off the loop."""
+    """An avatar version (subject, version, creation time, training hash) -> (bundle bytes, ETag), least
+    recently used out first; builds off the loop."""
 
     def __init__(self, size: int = BUNDLE_CACHE, max_bytes: int = MAX_BUNDLE_BYTES):
         self.size, self.max_bytes = size, max_bytes
@@ -63,7 +64,9 @@ class BundleCache:
         return data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
 
     async def get(self, entry) -> tuple[bytes, str]:
-        key = f"{entry.subject_id}@{entry.version}"
+        # The creation time too: a subject deleted and built again starts over at v0001, and the
+        # cache must not answer for the new avatar with the deleted one's bundle.
+        key = f"{entry.subject_id}@{entry.version}@{entry.created_at.isoformat()}@{entry.config_hash}"
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)

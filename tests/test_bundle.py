@@ -362,3 +362,25 @@ def test_the_pages_ply_equals_the_servers_export(tmp_path):
     assert [p.name for p in a.properties] == [p.name for p in b.properties]
     for p in a.properties:
         np.testing.assert_allclose(a[p.name], b[p.name], atol=2e-5, rtol=1e-5, err_msg=p.name)
+
+
+def test_bundle_cache_never_answers_for_a_rebuilt_version_with_the_deleted_ones_bytes(tmp_path):
+    """After a delete and a rebuild the subject starts over at v0001: same id and version, new avatar."""
+    import asyncio
+    import dataclasses
+    import datetime as dt
+
+    from perse_ray.avatar.io import save_avatar
+    from perse_ray.registry import Registry
+    from serve.bundle_api import BundleCache
+
+    registry = Registry(tmp_path / "avatars")
+    first = registry.put("ada-00000001", Avatar(_model(seed=1), {"camera": CAMERA}))
+    cache = BundleCache()
+    old_bytes, _ = asyncio.run(cache.get(first))
+    # the same path rewritten with another avatar, as a rebuild after a delete leaves it
+    save_avatar(Avatar(_model(seed=2), {"camera": CAMERA}), first.path)
+    rebuilt = dataclasses.replace(first, created_at=first.created_at + dt.timedelta(minutes=5))
+    new_bytes, _ = asyncio.run(cache.get(rebuilt))
+    assert new_bytes != old_bytes and cache.builds == 2
+    assert asyncio.run(cache.get(rebuilt))[0] == new_bytes and cache.builds == 2  # and it is cached
