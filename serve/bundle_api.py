@@ -96,7 +96,9 @@ def _entry(catalog, avatar_id: str):
         raise ApiError(404, str(e)) from None
 
 
-def bundle_router(catalog, cache: BundleCache | None = None) -> APIRouter:
+def bundle_router(catalog, cache: BundleCache | None = None, audit=None) -> APIRouter:
+    """``audit(action, key_id, outcome, subject, version)`` hears every bundle sent: a bundle is the
+    whole avatar, an export."""
     cache = cache or BundleCache()
     router = APIRouter()
 
@@ -116,6 +118,9 @@ def bundle_router(catalog, cache: BundleCache | None = None) -> APIRouter:
                    "Cache-Control": "private, max-age=31536000, immutable" if pinned else "private, no-cache"}
         if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
             return Response(status_code=304, headers=headers)
+        if audit is not None:
+            principal = getattr(request.state, "principal", None)
+            audit("export", principal.key_id if principal else "-", "ok bundle", entry.subject_id, entry.version)
         return Response(data, media_type="application/octet-stream", headers=headers)
 
     router.bundle_cache = cache  # for tests and stats
@@ -135,7 +140,7 @@ def vendor_app() -> Starlette:
     return Starlette(routes=[Route(f"/{url}", serve_file(NODE_MODULES / rel)) for url, rel in VENDOR_FILES.items()])
 
 
-def add_bundle_routes(app, catalog) -> None:
+def add_bundle_routes(app, catalog, audit=None) -> None:
     """Hook for ``make_http_app``: the bundle route and the /vendor mount."""
-    app.include_router(bundle_router(catalog))
+    app.include_router(bundle_router(catalog, audit=audit))
     app.mount("/vendor", vendor_app(), name="vendor")

@@ -223,7 +223,7 @@ def make_http_app(ingress) -> FastAPI:
     app.add_exception_handler(AuthError, _auth_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     catalog = ingress.catalog
-    add_bundle_routes(app, catalog)  # before the manifest route, whose id convertor would take ".../bundle"
+    add_bundle_routes(app, catalog, ingress.audit)  # before the manifest route, whose id convertor would take ".../bundle"
 
     async def audited(action: str, request: Request, job, call):
         principal = request.state.principal

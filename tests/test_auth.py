@@ -251,6 +251,7 @@ def test_scopes_subjects_links_and_paged_listing_over_http(tmp_path, keys):
     viewer = _bearer(link["token"])
     assert client.post(f"/v1/avatars/{A}/render", json=BODY, headers=viewer).content == b"PNG"
     assert client.get(f"/v1/avatars/{A}", headers=viewer).status_code == 200
+    assert client.get(f"/v1/avatars/{A}@v0001/bundle", headers=viewer).status_code == 200  # the page's bundle
     assert client.post(f"/v1/avatars/{B}/render", json=BODY, headers=viewer).status_code == 404
     assert client.post(f"/v1/avatars/{A}/ply", json=BODY, headers=viewer).status_code == 403
     assert client.post(f"/v1/avatars/{A}/links", json={}, headers=viewer).status_code == 403
@@ -266,6 +267,7 @@ def test_scopes_subjects_links_and_paged_listing_over_http(tmp_path, keys):
         <= lines[0].items() and lines[0]["at"].endswith("Z")
     assert any(r["audit"] == "export" and r["outcome"] == "denied 403" and r["key_id"] == "app-a" for r in lines)
     assert any(r["audit"] == "link" and r["outcome"] == "ok" for r in lines)
+    assert any(r["audit"] == "export" and r["outcome"] == "ok bundle" and r["subject"] == A for r in lines)  # sent
     text = (tmp_path / "audit.jsonl").read_text()
     assert all(k not in text for k in issued.values()) and link["token"] not in text
 
