@@ -241,3 +241,55 @@ def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts(
     # and the very first avatar, wherever every added slider is at its source
     _assert_same_renders(Avatar(base, {"camera": camera}), Avatar(current, {"camera": camera}),
                          np.random.default_rng(9), {"hair": 0.0, "skin": 0.0}, count=4)
+
+
+def test_hair_from_another_persons_portrait_moves_the_avatars_hair_colour_towards_it(build):
+    """Grace Hopper's hair colour onto the astronaut: the measure is the mean Lab colour in the hair
+    mask (``regions.hair_probability`` of the subject's aligned portrait), on frontal renders."""
+    from PIL import Image
+
+    from perse_ray.faces import load_face_model
+    from perse_ray.portraits import decode_png, discover_subjects
+    from perse_ray.synth.classical.measure import hair_lab, lab_distance, mean_lab
+    from perse_ray.synth.classical.regions import hair_probability
+    from perse_ray.synth.ingest import ingest_subject
+
+    out, sid = build
+    registry = Registry(out / "avatars")
+    run = _run("--registry", str(out / "avatars"), "--subject", f"{sid}@v0001", "--attribute", "hair",
+               "--from-portrait", str(PORTRAITS / "grace_hopper.jpg"), "--steps", "150")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    version = run.stdout.strip().splitlines()[-1].split("@")[1].split()[0]
+    grown = registry.load(sid, version)
+    record = grown.meta["edits"][-1]
+    assert record["origin"]["portrait"] == "grace_hopper.jpg" and set(record["origin"]["measured_params"]) == {
+        "hue", "amount", "lightness"}
+    assert grown.layout.attribute("hair").edit_labels[-1] == "grace_hopper"
+
+    cfg = load_config("cpu-smoke")
+    folder = out / "reference"
+    folder.mkdir(exist_ok=True)
+    shutil.copy(PORTRAITS / "grace_hopper.jpg", folder)
+    reference = ingest_subject(discover_subjects(folder).candidates[0], load_face_model(cfg.faces), cfg)
+    target = hair_lab(decode_png(reference["portrait_png"]), np.asarray(reference["landmarks"], np.float32))
+    subject = _subject_row(out, sid)
+    portrait = decode_png(subject["portrait_png"])
+    mask = hair_probability(portrait, np.asarray(subject["landmarks"], np.float32))
+    size = cfg.render.width
+    small = np.asarray(Image.fromarray((mask * 255).astype(np.uint8)).resize((size, size), Image.BOX)) / 255.0
+
+    def rendered_hair(level: float) -> np.ndarray:
+        rgb = grown.render(grown.latent({"hair": level}), [(0.0, 0.0)], size, size)[0, 0]
+        return mean_lab(np.round(rgb.numpy() * 255).astype(np.uint8), small)
+
+    new_level = len(grown.layout.attribute("hair").edit_labels) - 1
+    before, after = lab_distance(rendered_hair(0.0), target), lab_distance(rendered_hair(float(new_level)), target)
+    assert after < before - 1.0, (before, after)
+
+
+def _subject_row(out: Path, sid: str) -> dict:
+    import pyarrow.parquet as pq
+
+    from perse_ray.schema import rows_from_table
+
+    return rows_from_table(pq.read_table(out / "synth" / "frames" / f"subject_id={sid}" / "_subject.parquet"))[0]

@@ -43,8 +43,9 @@ def test_both_heads_follow_the_protocol(head):
 
     mesh = make_head("mesh")
     assert isinstance(mesh, MeshHead) and isinstance(mesh, GroundTruthHead) and isinstance(head, GroundTruthHead)
-    assert head.attributes == mesh.attributes and head.expressions == mesh.expressions
-    assert head.keys == mesh.keys  # the same slider semantics
+    # the same slider semantics; the Gaussian head also models skin tone, for edits after training
+    assert head.attributes == (*mesh.attributes, "skin") and head.expressions == mesh.expressions
+    assert {a: head.keys[a] for a in mesh.attributes} == mesh.keys
     with pytest.raises(ValueError, match="choices: gaussian, mesh"):
         make_head("voxel")
 
