@@ -20,6 +20,14 @@ bit-identity with the slider at 0; fit seconds over the base's training seconds.
 writes a strip: ground truth / base / new level / new attribute at three held-out yaws.
 ``--quick`` shrinks everything (the ``cpu-smoke`` sizes, a few hundred steps): a check that it
 runs, in about a minute; its scores say nothing about quality.
+
+``--transfer`` measures instead the classical "from a portrait" level on real faces: the
+astronaut's avatar (the preset's cpu stages on examples/portraits/astronaut.png, trained in this
+process) gets the hair of Grace Hopper's portrait, as ``jobs/edit_avatar.py --from-portrait`` adds
+it. Figures: the CIE76 distance of the mean Lab colour in the hair mask (``regions.hair_probability``
+of the aligned portrait) to the reference's, for the 2D edit, the avatar's source level and its new
+level (frontal renders at the synthesis resolution), and the dlib identity of those renders against
+the subject's portrait, with the same-person threshold (``faces.id_threshold``).
 """
 
 from __future__ import annotations
@@ -81,6 +89,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes: a check that it runs, no quality claim")
     p.add_argument("--level-steps", type=int, default=None, help="fit steps of the new level (default: steps/6)")
     p.add_argument("--attribute-steps", type=int, default=None, help="fit steps of the new attribute (default: steps/5)")
+    p.add_argument("--transfer", action="store_true", help="hair from Grace Hopper's portrait on the astronaut's avatar")
     p.add_argument("--picture", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
@@ -98,6 +107,8 @@ def main(argv=None) -> int:
 
     overrides = (QUICK if args.quick else []) + args.set
     cfg = load_config(args.preset, overrides)
+    if args.transfer:
+        return transfer(cfg, {"preset": args.preset, "overrides": overrides}, args)
     head = make_head("gaussian")
     hair = next(a for a in cfg.synth.attributes if a.name == "hair")
     spare = len(hair.edits) + 1  # the level index the spare key takes
@@ -163,6 +174,67 @@ def main(argv=None) -> int:
 
     if args.picture:
         write_picture(args.picture, scorer, head, base, grown, skinned, spare)
+    return 0
+
+
+def transfer(cfg, info: dict, args) -> int:
+    import shutil
+    import tempfile
+
+    import numpy as np
+
+    from perse_ray.config import EditSpec
+    from perse_ray.faces import embed_frame, load_face_model
+    from perse_ray.pipeline import synthesize_subject
+    from perse_ray.portraits import decode_png, discover_subjects
+    from perse_ray.synth.classical.edits import EDITS
+    from perse_ray.synth.classical.measure import hair_lab, lab_distance, mean_lab, transfer_params
+    from perse_ray.synth.classical.regions import hair_probability
+    from perse_ray.synth.ingest import ingest_subject
+    from perse_ray.train.extend import Extension, extend_avatar
+    from perse_ray.train.loop import train_avatar
+
+    portraits = Path(__file__).resolve().parent.parent / "examples" / "portraits"
+    faces = load_face_model(cfg.faces)
+
+    def ingest(name: str) -> dict:
+        with tempfile.TemporaryDirectory() as folder:
+            shutil.copy(portraits / name, folder)
+            row = ingest_subject(discover_subjects(folder).candidates[0], faces, cfg)
+        if row["status"] != "ok":
+            raise SystemExit(f"{name}: {row['reason']}")
+        return row
+
+    subject, reference = ingest("astronaut.png"), ingest("grace_hopper.jpg")
+    portrait, landmarks = decode_png(subject["portrait_png"]), np.asarray(subject["landmarks"], np.float32)
+    t = time.perf_counter()
+    base = train_avatar(synthesize_subject(cfg, subject), cfg, progress=not args.no_progress,
+                        subject_id=subject["subject_id"]).avatar
+    info = {**info, "subject": "astronaut", "reference": "grace_hopper", "resolution": cfg.synth.resolution,
+            "base_train_seconds": round(time.perf_counter() - t, 1)}
+    params = transfer_params("hair", portrait, landmarks, decode_png(reference["portrait_png"]),
+                             np.asarray(reference["landmarks"], np.float32))
+    steps = args.level_steps or max(1, cfg.train.steps // 6)
+    grown = extend_avatar(base, subject, Extension("level", "hair", (EditSpec("grace-hopper", params=params),)),
+                          steps=steps, progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+    info["params"], info["fit_steps"] = params, steps
+    target = hair_lab(decode_png(reference["portrait_png"]), np.asarray(reference["landmarks"], np.float32))
+    mask = hair_probability(portrait, landmarks)
+    size = cfg.synth.resolution
+    identity = np.asarray(subject["identity"], np.float32)
+    edited, _ = EDITS["hair"](portrait, landmarks, params, 0)
+    emit("transfer_hair_lab_distance_portrait", lab_distance(mean_lab(portrait, mask), target), "CIE76", info, args.json)
+    emit("transfer_hair_lab_distance_2d_edit", lab_distance(mean_lab(edited, mask), target), "CIE76", info, args.json)
+    level = len(grown.layout.attribute("hair").edit_labels) - 1
+    for name, value in (("source_level", 0.0), ("new_level", float(level))):
+        rgb = grown.render(grown.latent({"hair": value}), [(0.0, 0.0)], size, size)[0, 0]
+        image = np.round(rgb.numpy() * 255).astype(np.uint8)
+        emit(f"transfer_hair_lab_distance_{name}", lab_distance(mean_lab(image, mask), target), "CIE76", info,
+             args.json)
+        embedding, how = embed_frame(faces, image, landmarks)
+        score = None if embedding is None else float(faces.id_score(identity, embedding))
+        emit(f"transfer_identity_{name}", score, "cosine", {**info, "found_by": how,
+                                                             "same_person_threshold": cfg.faces.id_threshold}, args.json)
     return 0
 
 
