@@ -293,3 +293,37 @@ def _subject_row(out: Path, sid: str) -> dict:
     from perse_ray.schema import rows_from_table
 
     return rows_from_table(pq.read_table(out / "synth" / "frames" / f"subject_id={sid}" / "_subject.parquet"))[0]
+
+
+def test_a_prompted_level_goes_through_the_diffusion_editor_loader(tiny_models, tmp_path):
+    """The ``tiny`` preset (instruct_pix2pix, ControlNet and diffusion morphs through their real
+    loaders, tiny random weights: no quality claim): a level given as a prompt is synthesized by
+    those stages and registered, and renders with hair at 0 stay bit-identical."""
+    from perse_ray.faces import load_face_model
+    from perse_ray.pipeline import resolve_models, synthesize_subject
+    from perse_ray.portraits import discover_subjects
+    from perse_ray.schema import table_from_rows
+    from perse_ray.synth.ingest import ingest_subject
+    from perse_ray.synth.write import SUBJECT_FILE, atomic_write_table
+    from perse_ray.train.loop import train_avatar
+
+    cfg = resolve_models(load_config("tiny"))
+    folder = tmp_path / "input"
+    folder.mkdir()
+    shutil.copy(PORTRAITS / "astronaut.png", folder)
+    subject = ingest_subject(discover_subjects(folder).candidates[0], load_face_model(cfg.faces), cfg)
+    sid = subject["subject_id"]
+    part = tmp_path / "synth" / "frames" / f"subject_id={sid}"
+    part.mkdir(parents=True)
+    atomic_write_table(part / SUBJECT_FILE, table_from_rows([subject], "subjects"))
+    registry = Registry(tmp_path / "avatars")
+    registry.put(sid, train_avatar(synthesize_subject(cfg, subject), cfg, progress=False, subject_id=sid).avatar)
+    run = _run("--registry", str(registry.root), "--subject", sid, "--attribute", "hair", "--prompt",
+               "make the hair silver", "--label", "silver", "--steps", "10")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    grown = registry.load(sid, "v0002")
+    assert grown.meta["edits"][-1]["edits"][0]["prompt"] == "make the hair silver"
+    assert grown.layout.attribute("hair").edit_labels == ["source", "red", "silver"]
+    _assert_same_renders(registry.load(sid, "v0001"), grown, np.random.default_rng(2), {"hair": 0.0}, count=3)
+    refused = _run("--registry", str(registry.root), "--subject", sid, "--attribute", "hair", "--params", "hue=0.5")
+    assert refused.returncode == 2 and "reads --prompt" in refused.stderr, refused.stderr[-1000:]
