@@ -106,13 +106,14 @@ def _grow(avatar: Avatar, ext: Extension, seed: int) -> tuple[AvatarModel, Train
 
 
 def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Config, steps: int, *,
-        region_of: int | None = None, progress: bool = False, desc: str = "", lr_scale: float = LR_SCALE,
-        on_log: Callable[[dict], None] | None = None) -> list[dict]:
+        coarse: FrameSet | None = None, region_of: int | None = None, progress: bool = False, desc: str = "",
+        lr_scale: float = LR_SCALE, on_log: Callable[[dict], None] | None = None) -> list[dict]:
     """Fit ``trainable``'s entries of ``model`` to ``frames`` for ``steps`` (the training loss and
     schedule of ``config.train``, its learning rates times ``lr_scale``); every other entry stays
     exactly as it is.
-    ``region_of``: the attribute whose branch region is set from these frames' masks. Returns the
-    log records (step, seconds, loss, psnr)."""
+    ``coarse``: the same frames at half size, for the first ``train.coarse_fraction`` of the steps
+    (as training does). ``region_of``: the attribute whose branch region is set from these frames'
+    masks. Returns the log records (step, seconds, loss, psnr)."""
     from tqdm import tqdm
 
     tcfg, machine = config.train, config.machine
@@ -134,9 +135,7 @@ def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Conf
     snapshot = trainable.snapshot(model)
     gen = torch.Generator().manual_seed(tcfg.seed)
     morph_weight = torch.where(frames.is_morph, tcfg.lambda_interp, 1.0)
-    coarse_steps = int(round(tcfg.coarse_fraction * steps))
-    h, w = frames.images.shape[1:3]
-    coarse = _half_size(frames) if coarse_steps and h > 1 else None
+    coarse_steps = int(round(tcfg.coarse_fraction * steps)) if coarse is not None else 0
     codes = [p for name, p in zip(trainable.masks, params) if name.startswith("codes.")]
     batch_size = min(tcfg.batch_size, len(frames))
     history, t0 = [], time.perf_counter()
@@ -171,15 +170,6 @@ def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Conf
         p.requires_grad_(True)
     model.eval()
     return history
-
-
-def _half_size(frames: FrameSet) -> FrameSet:
-    """The same frames at half the size (box-filtered images and weights, intrinsics scaled)."""
-    pool = lambda x: torch.nn.functional.avg_pool2d(x, 2)  # noqa: E731
-    Ks = frames.Ks.clone()
-    Ks[:, :2] *= 0.5
-    return dataclasses.replace(frames, images=pool(frames.images.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
-                               weights=pool(frames.weights[:, None])[:, 0], Ks=Ks)
 
 
 def extend_avatar(avatar: Avatar, subject: dict[str, Any], ext: Extension, *, steps: int | None = None,
@@ -236,7 +226,10 @@ def extend_avatar(avatar: Avatar, subject: dict[str, Any], ext: Extension, *, st
         avatar.model.cpu()
     log(f"fitting {'the new level' if ext.kind == 'level' else 'the new attribute'} {ext.attribute!r}: "
         f"{steps} steps on {len(train_idx)} frames ({len(held_idx)} held out)")
-    history = fit(model, trainable, train_set, cfg, steps,
+    # the coarse phase decodes the same PNGs at half size, as training does
+    coarse = (frameset_from_rows(rows, model.layout, max(cfg.render.width // 2, 1), max(cfg.render.height // 2, 1))
+              .to(device).subset(train_idx) if cfg.train.coarse_fraction else None)
+    history = fit(model, trainable, train_set, cfg, steps, coarse=coarse,
                   region_of=a if ext.kind == "attribute" else None, progress=progress,
                   desc=f"{avatar.meta.get('subject_id', '')} {ext.attribute}".strip())
     scores.update(fit_psnr_new=psnr_of(model, train_set, True), heldout_psnr_new=psnr_of(model, held, True))
