@@ -228,9 +228,11 @@ class _SubjectTrainer:
 
     def _report(self, sid: str, record: dict) -> None:
         """Progress is best effort: a lost queue must not fail the subject it reports on."""
+        from ray.util.queue import Full
+
         try:
             self.events.put((sid, record), timeout=5)
-        except Exception:  # noqa: BLE001 - any failure of the queue only costs a progress line
+        except (ray.exceptions.RayError, Full):  # a dead or stuck queue only costs a progress line
             pass
 
 
