@@ -144,9 +144,6 @@ def make_extension(args, avatar, subject: dict):
     sources = [x for x in (args.from_portrait, args.params, args.prompt) if x]
     if len(sources) != 1:
         raise ValueError("a new level takes exactly one of --from-portrait, --params, --prompt")
-    names = [a.name for a in avatar.layout.attributes]
-    if args.attribute not in names:
-        raise ValueError(f"unknown attribute {args.attribute!r}; the avatar has {names}")
     level = len(attribute_specs(avatar).get(args.attribute, [])) + 1
     if args.prompt:
         if classical:
