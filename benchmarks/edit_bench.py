@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     level_steps = args.level_steps or max(1, cfg.train.steps // 6)
     t = time.perf_counter()
     grown = extend_avatar(base, {}, Extension("level", "hair", (EditSpec("teal"),), {"head_key": spare}),
-                          steps=level_steps, progress=progress, frames_fn=frames_fn, log=lambda s: print(s, file=sys.stderr))
+                          steps=level_steps, progress=progress, frames_fn=frames_fn)
     level_seconds = time.perf_counter() - t
     scorer = Scorer(head, with_spare, cfg.machine.render_backend)
     cfg_level = {**info, "edit": "new level", "attribute": "hair", "level": spare, "fit_steps": level_steps}
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     skin_edits = tuple(EditSpec(label) for label in ("tan", "pale")[: len(SKIN_TONES) - 1])
     t = time.perf_counter()
     skinned = extend_avatar(base, {}, Extension("attribute", "skin", skin_edits), steps=attribute_steps,
-                            progress=progress, frames_fn=frames_fn, log=lambda s: print(s, file=sys.stderr))
+                            progress=progress, frames_fn=frames_fn)
     attribute_seconds = time.perf_counter() - t
     with_skin = copy.deepcopy(cfg)
     with_skin.synth.attributes.append(AttributeSpec("skin", list(skin_edits)))
@@ -216,7 +216,7 @@ def transfer(cfg, info: dict, args) -> int:
                              np.asarray(reference["landmarks"], np.float32))
     steps = args.level_steps or max(1, cfg.train.steps // 6)
     grown = extend_avatar(base, subject, Extension("level", "hair", (EditSpec("grace-hopper", params=params),)),
-                          steps=steps, progress=not args.no_progress, log=lambda s: print(s, file=sys.stderr))
+                          steps=steps, progress=not args.no_progress)
     info["params"], info["fit_steps"] = params, steps
     target = hair_lab(decode_png(reference["portrait_png"]), np.asarray(reference["landmarks"], np.float32))
     mask = hair_probability(portrait, landmarks)

@@ -327,3 +327,24 @@ def test_a_prompted_level_goes_through_the_diffusion_editor_loader(tiny_models, 
     _assert_same_renders(registry.load(sid, "v0001"), grown, np.random.default_rng(2), {"hair": 0.0}, count=3)
     refused = _run("--registry", str(registry.root), "--subject", sid, "--attribute", "hair", "--params", "hue=0.5")
     assert refused.returncode == 2 and "reads --prompt" in refused.stderr, refused.stderr[-1000:]
+
+
+def test_fit_progress_goes_to_stderr_and_leaves_stdout_to_the_caller(capsys):
+    """Benchmarks print JSON lines on stdout: an edit's progress lines must not land among them."""
+    from perse_ray.bench.ground_truth import frames_from_head
+    from perse_ray.bench.procedural import ProceduralHead
+    from perse_ray.config import EditSpec
+    from perse_ray.train.extend import Extension, extend_avatar
+    from perse_ray.train.loop import train_avatar
+
+    cfg = load_config("cpu-smoke", ["synth.resolution=32", "render.width=16", "render.height=16",
+                                    "synth.motion.num_frames=4", "avatar.num_gaussians=200", "train.steps=4",
+                                    "machine.log_every=1"])
+    head = ProceduralHead(seed=0)
+    base = train_avatar(frames_from_head(head, cfg), cfg, progress=False).avatar
+    capsys.readouterr()
+    extend_avatar(base, {}, Extension("level", "hair", (EditSpec("teal"),), {"head_key": 3}), steps=2,
+                  progress=True, frames_fn=lambda c, _s: frames_from_head(head, c))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "step 2/2" in captured.err

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import sys
 import time
 from typing import Any, Callable
 
@@ -99,6 +100,10 @@ def extension_config(avatar: Avatar, ext: Extension) -> Config:
     return cfg
 
 
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _grow(avatar: Avatar, ext: Extension, seed: int) -> tuple[AvatarModel, Trainable]:
     if ext.kind == "level":
         return grow_level(avatar.model, ext.attribute, ext.edits[0].label, seed=seed)
@@ -165,7 +170,9 @@ def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Conf
             if on_log:
                 on_log(record)
             if progress:
-                tqdm.write(f"{desc} step {step}/{steps}: loss {record['loss']:.4f}, psnr {record['psnr']:.2f}")
+                # stderr, as training's progress bar: stdout belongs to the caller (JSON lines in benchmarks)
+                tqdm.write(f"{desc} step {step}/{steps}: loss {record['loss']:.4f}, psnr {record['psnr']:.2f}",
+                           file=sys.stderr)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
@@ -175,7 +182,7 @@ def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Conf
 def extend_avatar(avatar: Avatar, subject: dict[str, Any], ext: Extension, *, steps: int | None = None,
                   base_version: str | None = None, progress: bool = True,
                   frames_fn: Callable[[Config, dict], list[dict]] | None = None,
-                  log: Callable[[str], None] = print) -> Avatar:
+                  log: Callable[[str], None] = _to_stderr) -> Avatar:
     """``avatar`` with ``ext`` added (a new ``Avatar``; the input is not changed).
 
     ``subject``: the subject's ``subjects`` row (its aligned portrait, landmarks and identity).
