@@ -33,45 +33,18 @@ the subject's portrait, with the same-person threshold (``faces.id_threshold``).
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _report import emit  # noqa: E402
+
 QUICK = ["synth.resolution=64", "synth.motion.num_frames=8", "synth.combined_frames=2", "render.width=32",
          "render.height=32", "avatar.num_gaussians=1500", "train.steps=300", "machine.log_every=100",
          "machine.checkpoint_every=100000"]
 POSES = ((-33.0, 6.0), (4.0, -7.0), (36.0, 6.0))
-
-
-def emit(figure: str, value, unit: str, config: dict, as_json: bool) -> None:
-    if as_json:
-        v = None if value is None or not math.isfinite(float(value)) else round(float(value), 4)
-        print(json.dumps({"figure": figure, "value": v, "unit": unit, "config": config}), flush=True)
-    else:
-        print(f"{figure:48s} {value if value is not None else float('nan'):10.4f} {unit}", flush=True)
-
-
-def mismatches(old, new, fixed: dict[str, float], count: int = 16, seed: int = 0) -> int:
-    """Latents (random sliders and expressions, ``fixed`` held) where old and new decode differently."""
-    import numpy as np
-    import torch
-
-    rng = np.random.default_rng(seed)
-    bad = 0
-    for _ in range(count):
-        values = {a.name: float(rng.uniform(0, a.num_edits - 1)) for a in new.layout.attributes}
-        values.update(fixed)
-        expr = {e: float(rng.uniform(-0.5, 1.0)) for e in new.layout.expressions}
-        old_values = {k: v for k, v in values.items() if k in {a.name for a in old.layout.attributes}}
-        with torch.no_grad():
-            g_old = old.model.gaussians(old.latent(old_values, expr)[None])
-            g_new = new.model.gaussians(new.latent(values, expr)[None])
-        bad += any(not torch.equal(g_old[k], g_new[k]) for k in g_old)
-    return bad
 
 
 def view_psnr(scorer, avatar, values: dict[str, float]) -> float:
@@ -102,6 +75,7 @@ def main(argv=None) -> int:
     from perse_ray.bench.ground_truth import Scorer, frames_from_head, make_head
     from perse_ray.bench.procedural import SKIN_TONES
     from perse_ray.config import AttributeSpec, EditSpec, load_config
+    from perse_ray.avatar.extend import decode_mismatches
     from perse_ray.train.extend import Extension, extend_avatar
     from perse_ray.train.loop import train_avatar
 
@@ -146,7 +120,8 @@ def main(argv=None) -> int:
         before, after = view_psnr(scorer, base, {"hair": float(k)}), view_psnr(scorer, grown, {"hair": float(k)})
         emit(f"old_level_{k}_psnr_heldout_views_before", before, "dB", cfg_level, args.json)
         emit(f"old_level_{k}_psnr_change", after - before, "dB", cfg_level, args.json)
-    emit("new_level_other_renders_mismatching", mismatches(base, grown, {"hair": 0.0}), "latents", cfg_level, args.json)
+    emit("new_level_other_renders_mismatching", len(decode_mismatches(base, grown, {"hair": 0.0})), "latents",
+         cfg_level, args.json)
     fit = grown.meta["edits"][-1]["seconds_fit"]
     emit("new_level_fit_seconds", fit, "s", cfg_level, args.json)
     emit("new_level_fit_over_base_training", fit / base_seconds, "ratio", cfg_level, args.json)
@@ -166,7 +141,8 @@ def main(argv=None) -> int:
     mids = [view_psnr(scorer, skinned, {"skin": k + 0.5}) for k in range(len(skin_edits))]
     emit("new_attribute_psnr_heldout_views", float(np.mean(edits)), "dB", cfg_attr, args.json)
     emit("new_attribute_psnr_midpoints", float(np.mean(mids)), "dB", cfg_attr, args.json)
-    emit("new_attribute_slider_0_mismatching", mismatches(base, skinned, {"skin": 0.0}), "latents", cfg_attr, args.json)
+    emit("new_attribute_slider_0_mismatching", len(decode_mismatches(base, skinned, {"skin": 0.0})), "latents",
+         cfg_attr, args.json)
     fit = skinned.meta["edits"][-1]["seconds_fit"]
     emit("new_attribute_fit_seconds", fit, "s", cfg_attr, args.json)
     emit("new_attribute_fit_over_base_training", fit / base_seconds, "ratio", cfg_attr, args.json)
@@ -178,15 +154,12 @@ def main(argv=None) -> int:
 
 
 def transfer(cfg, info: dict, args) -> int:
-    import shutil
-    import tempfile
-
     import numpy as np
 
     from perse_ray.config import EditSpec
     from perse_ray.faces import embed_frame, load_face_model
     from perse_ray.pipeline import synthesize_subject
-    from perse_ray.portraits import decode_png, discover_subjects
+    from perse_ray.portraits import candidate_for_file, decode_png
     from perse_ray.synth.classical.edits import EDITS
     from perse_ray.synth.classical.measure import hair_lab, lab_distance, mean_lab, transfer_params
     from perse_ray.synth.classical.regions import hair_probability
@@ -198,9 +171,7 @@ def transfer(cfg, info: dict, args) -> int:
     faces = load_face_model(cfg.faces)
 
     def ingest(name: str) -> dict:
-        with tempfile.TemporaryDirectory() as folder:
-            shutil.copy(portraits / name, folder)
-            row = ingest_subject(discover_subjects(folder).candidates[0], faces, cfg)
+        row = ingest_subject(candidate_for_file(portraits / name), faces, cfg)
         if row["status"] != "ok":
             raise SystemExit(f"{name}: {row['reason']}")
         return row

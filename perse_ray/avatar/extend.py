@@ -150,3 +150,32 @@ def grow_attribute(model: AvatarModel, name: str, labels: list[str], seed: int =
     branch = branch_keys(grown).index((name, 0))
     return new, Trainable({**_branch_masks(new, branch),
                            f"codes.{name}": torch.ones_like(new.codes[name], dtype=torch.bool)})
+
+
+def random_latents(layout: LatentLayout, fixed: dict[str, float], count: int, seed: int = 0,
+                   ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """``count`` seeded (attribute sliders, expression) pairs over ``layout``, ``fixed`` held."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        attributes = {a.name: float(rng.uniform(0, a.num_edits - 1)) for a in layout.attributes}
+        attributes.update(fixed)
+        out.append((attributes, {e: float(rng.uniform(-0.5, 1.0)) for e in layout.expressions}))
+    return out
+
+
+@torch.no_grad()
+def decode_mismatches(old, new, fixed: dict[str, float], count: int = 16, seed: int = 0,
+                      ) -> list[tuple[dict[str, float], dict[str, float]]]:
+    """The ``random_latents`` of ``new`` (``fixed`` held; attributes ``old`` lacks stay at its
+    source) at which the two ``Avatar``s decode to Gaussians that differ in any bit."""
+    known = {a.name for a in old.layout.attributes}
+    bad = []
+    for attributes, expression in random_latents(new.layout, fixed, count, seed):
+        g_old = old.model.gaussians(old.latent({k: v for k, v in attributes.items() if k in known}, expression)[None])
+        g_new = new.model.gaussians(new.latent(attributes, expression)[None])
+        if any(not torch.equal(g_old[k], g_new[k]) for k in g_old):
+            bad.append((attributes, expression))
+    return bad
