@@ -25,24 +25,16 @@ runs, in seconds; its scores say nothing about quality.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _report import emit  # noqa: E402
+
 UNITS = {"psnr": "dB", "ssim": "", "leakage": "ratio", "seconds": "s", "gap": "dB"}
 HEADS = ("gaussian", "mesh")
-
-
-def emit(figure: str, value: float, unit: str, config: dict, as_json: bool) -> None:
-    if as_json:  # a figure with nothing to measure (e.g. a region never in view) is null, not NaN
-        v = round(float(value), 4) if math.isfinite(float(value)) else None
-        print(json.dumps({"figure": figure, "value": v, "unit": unit, "config": config}), flush=True)
-    else:
-        print(f"{figure:42s} {value:10.4f} {unit}", flush=True)
 
 
 def unit_of(figure: str) -> str:
