@@ -175,13 +175,12 @@ def make_extension(args, avatar, subject: dict):
 def reference_row(path: Path, cfg) -> dict:
     """The reference picture ingested as a build ingests a portrait; ValueError without a usable face."""
     from perse_ray.faces import load_face_model
-    from perse_ray.portraits import Candidate, _sha256_file
+    from perse_ray.portraits import candidate_for_file
     from perse_ray.synth.ingest import ingest_subject
 
     if not path.is_file():
         raise ValueError(f"reference {path} is not a file")
-    sha = _sha256_file(path)
-    row = ingest_subject(Candidate("reference", str(path), sha, (str(path),), (sha,)), load_face_model(cfg.faces), cfg)
+    row = ingest_subject(candidate_for_file(path), load_face_model(cfg.faces), cfg)  # InputError is a ValueError
     if row["status"] != "ok":
         raise ValueError(f"reference {path.name} cannot be used: {row['reason']}")
     return row

@@ -153,6 +153,18 @@ def discover_subjects(input_dir: str | os.PathLike) -> Discovery:
     return found
 
 
+def candidate_for_file(path: str | os.PathLike) -> Candidate:
+    """One image file as the subject a build would make of it alone in its input folder (same id and
+    checks); raises ``InputError`` with the reason a build would quarantine it for."""
+    path = Path(path).expanduser()
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise InputError(f"{path.name}: not an image file (extension {path.suffix or 'none'!r})")
+    sha, problem = _read_entry(path, path.resolve().parent)
+    if problem:
+        raise InputError(f"{path.name}: {problem}")
+    return Candidate(subject_id(path.stem, sha), str(path), sha, (str(path),), (sha,))
+
+
 def _discover_folder(folder: Path, root: Path, found: Discovery, unique, first_by_sha) -> None:
     images, shas, notes = [], [], []
     for path in sorted(folder.iterdir(), key=lambda p: p.name):

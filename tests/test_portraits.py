@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from perse_ray.portraits import (MIN_INPUT_SIDE, ImageRejected, InputError, decode_image, decode_mask_png,
-                                 decode_png, discover_subjects, encode_png, slugify, subject_id)
+                                 candidate_for_file, decode_png, discover_subjects, encode_png, slugify,
+                                 subject_id)
 
 GRACE = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 CAP, SIDE = 40_000_000, 2048
@@ -177,6 +178,19 @@ def test_discovery_accounts_for_every_entry(tmp_path):
     names = {Path(c.source_path).name: c.subject_id for c in found.candidates}
     assert names["..jpg"].startswith("subject-") and names["été 肖像.png"].startswith("ete-")
     assert names["copy of grace.jpg"].startswith("copy-of-grace-")
+
+
+def test_one_file_is_the_subject_discovery_makes_of_it_and_refused_for_the_same_reasons(tmp_path):
+    root = tmp_path / "in"
+    root.mkdir()
+    shutil.copy(GRACE, root / "grace_hopper.jpg")
+    assert candidate_for_file(root / "grace_hopper.jpg") == discover_subjects(root).candidates[0]
+    (root / "notes.txt").write_text("x")
+    os.mkfifo(root / "pipe.jpg")
+    with pytest.raises(InputError, match="not an image file"):
+        candidate_for_file(root / "notes.txt")
+    with pytest.raises(InputError, match="not a regular file"):
+        candidate_for_file(root / "pipe.jpg")
 
 
 def test_missing_or_empty_input_is_an_error(tmp_path):
