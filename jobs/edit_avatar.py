@@ -178,8 +178,6 @@ def reference_row(path: Path, cfg) -> dict:
     from perse_ray.portraits import candidate_for_file
     from perse_ray.synth.ingest import ingest_subject
 
-    if not path.is_file():
-        raise ValueError(f"reference {path} is not a file")
     row = ingest_subject(candidate_for_file(path), load_face_model(cfg.faces), cfg)  # InputError is a ValueError
     if row["status"] != "ok":
         raise ValueError(f"reference {path.name} cannot be used: {row['reason']}")

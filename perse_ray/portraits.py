@@ -136,15 +136,10 @@ def discover_subjects(input_dir: str | os.PathLike) -> Discovery:
         if path.is_dir() and not path.is_symlink():
             _discover_folder(path, root, found, unique, first_by_sha)
             continue
-        stem = path.stem if path.suffix.lower() in IMAGE_EXTENSIONS else path.name
-        sha, problem = _read_entry(path, root)
+        sid, sha, problem = _file_entry(path, root)
+        sid = unique(sid)
         if problem:
-            found.quarantined.append(_quarantine_row(unique(slugify(stem)), path, None, problem))
-            continue
-        sid = unique(subject_id(stem, sha))
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            found.quarantined.append(_quarantine_row(
-                sid, path, sha, f"skipped: not an image file (extension {path.suffix or 'none'!r})"))
+            found.quarantined.append(_quarantine_row(sid, path, sha, problem))
         elif sha in first_by_sha:
             found.quarantined.append(_quarantine_row(sid, path, sha, f"duplicate of {first_by_sha[sha]}"))
         else:
@@ -157,12 +152,22 @@ def candidate_for_file(path: str | os.PathLike) -> Candidate:
     """One image file as the subject a build would make of it alone in its input folder (same id and
     checks); raises ``InputError`` with the reason a build would quarantine it for."""
     path = Path(path).expanduser()
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise InputError(f"{path.name}: not an image file (extension {path.suffix or 'none'!r})")
-    sha, problem = _read_entry(path, path.resolve().parent)
+    sid, sha, problem = _file_entry(path, path.resolve().parent)
     if problem:
         raise InputError(f"{path.name}: {problem}")
-    return Candidate(subject_id(path.stem, sha), str(path), sha, (str(path),), (sha,))
+    return Candidate(sid, str(path), sha, (str(path),), (sha,))
+
+
+def _file_entry(path: Path, root: Path) -> tuple[str, str | None, str | None]:
+    """(subject id, content sha256 or None, why it is not a subject or None) for a file entry."""
+    is_image = path.suffix.lower() in IMAGE_EXTENSIONS
+    stem = path.stem if is_image else path.name
+    sha, problem = _read_entry(path, root)
+    if problem:
+        return slugify(stem), None, problem
+    if not is_image:
+        return subject_id(stem, sha), sha, f"skipped: not an image file (extension {path.suffix or 'none'!r})"
+    return subject_id(stem, sha), sha, None
 
 
 def _discover_folder(folder: Path, root: Path, found: Discovery, unique, first_by_sha) -> None:

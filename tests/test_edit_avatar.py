@@ -139,7 +139,8 @@ def test_a_new_attribute_at_zero_is_bit_identical_at_any_latent_and_the_bundle_d
 
 
 @pytest.mark.parametrize("case", ["unknown subject", "unknown attribute", "clashing name", "no edits",
-                                  "reference without a face", "prompt for the classical editor", "bad params"])
+                                  "reference without a face", "reference not an image",
+                                  "prompt for the classical editor", "bad params"])
 def test_bad_input_is_refused_with_a_reason_and_changes_nothing(build, case):
     out, sid = build
     root = out / "avatars"
@@ -153,6 +154,8 @@ def test_bad_input_is_refused_with_a_reason_and_changes_nothing(build, case):
         "no edits": (["--subject", sid, "--new-attribute", "skin"], "needs --edits"),
         "reference without a face": (["--subject", sid, "--attribute", "hair", "--from-portrait",
                                       str(PORTRAITS / "no_face_cat.jpg")], "cannot be used"),
+        "reference not an image": (["--subject", sid, "--attribute", "hair", "--from-portrait", str(REPO / "README.md")],
+                                   "README.md: skipped: not an image file"),
         "prompt for the classical editor": (["--subject", sid, "--attribute", "hair", "--prompt", "make it silver"],
                                             "reads --params"),
         "bad params": (["--subject", sid, "--attribute", "hair", "--params", "hue=blue"], "KEY=NUMBER"),

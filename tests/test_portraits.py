@@ -191,6 +191,8 @@ def test_one_file_is_the_subject_discovery_makes_of_it_and_refused_for_the_same_
         candidate_for_file(root / "notes.txt")
     with pytest.raises(InputError, match="not a regular file"):
         candidate_for_file(root / "pipe.jpg")
+    with pytest.raises(InputError, match="unreadable"):
+        candidate_for_file(root / "missing.jpg")
 
 
 def test_missing_or_empty_input_is_an_error(tmp_path):
