@@ -72,10 +72,10 @@ def main(argv=None) -> int:
 
     import numpy as np
 
+    from perse_ray.avatar.extend import decode_mismatches
     from perse_ray.bench.ground_truth import Scorer, frames_from_head, make_head
     from perse_ray.bench.procedural import SKIN_TONES
     from perse_ray.config import AttributeSpec, EditSpec, load_config
-    from perse_ray.avatar.extend import decode_mismatches
     from perse_ray.train.extend import Extension, extend_avatar
     from perse_ray.train.loop import train_avatar
 

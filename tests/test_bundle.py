@@ -24,6 +24,7 @@ import torch
 from perse_ray.avatar import Avatar, AvatarModel, LatentLayout, export_ply
 from perse_ray.avatar.bundle import (BUNDLE_VERSION, BundleError, decode_bundle, decode_gaussians, encode_bundle,
                                      latent)
+from perse_ray.avatar.extend import random_latents
 from perse_ray.avatar.layout import AttributeLayout
 from perse_ray.config import load_config
 
@@ -32,6 +33,7 @@ BUNDLE_JS = REPO / "serve" / "web" / "bundle.js"
 NODE = shutil.which("node")
 SPLAT_TRANSFORM = REPO / "node_modules" / ".bin" / "splat-transform"
 CAMERA = {"fov_deg": 30.0, "distance": 0.65}
+EXPRESSION_RANGE = (-1.0, 2.0)  # beyond the trained range too: the decoders must agree on any latent
 KEYS = ("means", "quats", "scales", "opacities", "colors")
 
 
@@ -69,16 +71,6 @@ def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchore
     return model.eval()
 
 
-def _random_latents(model: AvatarModel, n: int, seed: int) -> list[tuple[dict, dict]]:
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        attrs = {a.name: float(np.float32(rng.uniform(0, a.num_edits - 1))) for a in model.layout.attributes}
-        expr = {e: float(np.float32(rng.uniform(-1, 2))) for e in model.layout.expressions}
-        out.append((attrs, expr))
-    return out
-
-
 def _reference(model: AvatarModel, attrs: dict, expr: dict) -> dict[str, np.ndarray]:
     z = Avatar(model, {"camera": CAMERA}).latent(attrs, expr)
     with torch.no_grad():
@@ -102,7 +94,8 @@ def test_numpy_decode_of_the_bundle_matches_the_model(hidden_layers, expressions
     bundle = decode_bundle(encode_bundle(model, CAMERA, avatar_id="ada", version="v0001"))
     assert bundle.header["avatar"] == {"id": "ada", "version": "v0001"}
     assert bundle.header["camera"]["fov_deg"] == 30.0 and bundle.num_gaussians == 300
-    for attrs, expr in _with_source_slider(model, _random_latents(model, 20, seed=hidden_layers)):
+    cases = random_latents(model.layout, {}, 20, hidden_layers, expression_range=EXPRESSION_RANGE)
+    for attrs, expr in _with_source_slider(model, cases):
         ref = _reference(model, attrs, expr)
         z = latent(bundle, attrs, expr)
         np.testing.assert_allclose(z, Avatar(model, {"camera": CAMERA}).latent(attrs, expr).numpy(), atol=1e-6)
@@ -141,7 +134,7 @@ def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(t
     _need(NODE, "node")
     model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored)
     (tmp_path / "b.bin").write_bytes(encode_bundle(model, CAMERA))
-    cases = _random_latents(model, 20, seed=10 + hidden_layers)
+    cases = random_latents(model.layout, {}, 20, 10 + hidden_layers, expression_range=EXPRESSION_RANGE)
     # then: one attribute moved (one branch re-runs), nothing moved (none), an expression moved
     attrs, expr = dict(cases[-1][0]), dict(cases[-1][1])
     first = model.layout.attributes[0]
@@ -306,7 +299,7 @@ def test_exported_ply_read_by_plyfile_and_splat_transform(tmp_path):
     from plyfile import PlyData
 
     model = _model(num_gaussians=500, hidden_layers=1, seed=4)
-    attrs, expr = _random_latents(model, 1, seed=7)[0]
+    attrs, expr = random_latents(model.layout, {}, 1, 7, expression_range=EXPRESSION_RANGE)[0]
     avatar = Avatar(model, {"camera": CAMERA})
     ref = _reference(model, attrs, expr)
     path = export_ply(avatar, avatar.latent(attrs, expr), tmp_path / "a.ply")
@@ -351,7 +344,7 @@ def test_the_pages_ply_equals_the_servers_export(tmp_path):
     from plyfile import PlyData
 
     model = _model(num_gaussians=200, hidden_layers=1, seed=5)
-    attrs, expr = _random_latents(model, 1, seed=9)[0]
+    attrs, expr = random_latents(model.layout, {}, 1, 9, expression_range=EXPRESSION_RANGE)[0]
     avatar = Avatar(model, {"camera": CAMERA})
     (tmp_path / "b.bin").write_bytes(encode_bundle(model, CAMERA))
     _node(_JS_PLY, BUNDLE_JS.as_uri(), str(tmp_path / "b.bin"), json.dumps([attrs, expr]), str(tmp_path / "page.ply"))

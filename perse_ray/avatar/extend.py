@@ -152,17 +152,23 @@ def grow_attribute(model: AvatarModel, name: str, labels: list[str], seed: int =
                            f"codes.{name}": torch.ones_like(new.codes[name], dtype=torch.bool)})
 
 
-def random_latents(layout: LatentLayout, fixed: dict[str, float], count: int, seed: int = 0,
+def random_latents(layout: LatentLayout, fixed: dict[str, float], count: int, seed: int = 0, *,
+                   expression_range: tuple[float, float] = (-0.5, 1.0),
                    ) -> list[tuple[dict[str, float], dict[str, float]]]:
-    """``count`` seeded (attribute sliders, expression) pairs over ``layout``, ``fixed`` held."""
+    """``count`` seeded (attribute sliders, expression) pairs over ``layout``, ``fixed`` held. Values
+    are float32-exact, so a float32 reader (the browser's decoder) sees the same numbers."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
+
+    def draw(low: float, high: float) -> float:
+        return float(np.float32(rng.uniform(low, high)))
+
     out = []
     for _ in range(count):
-        attributes = {a.name: float(rng.uniform(0, a.num_edits - 1)) for a in layout.attributes}
+        attributes = {a.name: draw(0, a.num_edits - 1) for a in layout.attributes}
         attributes.update(fixed)
-        out.append((attributes, {e: float(rng.uniform(-0.5, 1.0)) for e in layout.expressions}))
+        out.append((attributes, {e: draw(*expression_range) for e in layout.expressions}))
     return out
 
 
