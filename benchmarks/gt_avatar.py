@@ -17,7 +17,8 @@ portrait, rendered by a z-buffer rasterizer; ``both`` runs one after the other, 
 attribute's top level at once (the combined edit), a row per head.
 ``--ablation`` trains again without the interpolation regularization (train.lambda_interp=0);
 ``--ablate KEY=VALUE`` (repeatable) trains again with that override and prints every figure of that
-run with ``config.ablation`` set, e.g. ``--ablate synth.combined_frames=0``.
+run with ``config.ablation`` set, e.g. ``--ablate synth.combined_frames=0``; one value with several
+space-separated overrides is one run, e.g. ``--ablate "train.steps=4000 train.coarse_fraction=0.75"``.
 ``--quick`` uses the ``cpu-smoke`` preset (unless --preset is given): a check that the benchmark
 runs, in seconds; its scores say nothing about quality.
 """
@@ -125,7 +126,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", action="store_true",
                    help="also train without the interpolation regularization and report the midpoint gap")
     p.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
-                   help="also train with this override and print that run's figures (repeatable)")
+                   help="also train with this override and print that run's figures (repeatable: a run each; "
+                        "several space-separated overrides in one value make one run)")
     p.add_argument("--curve-every", type=int, default=0, metavar="STEPS",
                    help="score held-out views every STEPS steps (PSNR vs training time)")
     p.add_argument("--output", type=Path, help="save the trained avatar here")
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
         for figure, value in scores.items():
             emit(figure, value, _unit(figure), info, args.json)
         for override in args.ablate:
-            ablated, _ = run(args.preset, args.overrides + [override], 0, args.json, None, not args.no_progress, head)
+            ablated, _ = run(args.preset, args.overrides + override.split(), 0, args.json, None, not args.no_progress,
+                             head)
             for figure, value in ablated.items():
                 emit(figure, value, _unit(figure), {**info, "ablation": override}, args.json)
         if args.ablation:

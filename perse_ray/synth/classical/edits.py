@@ -53,8 +53,8 @@ def _unchanged(image: np.ndarray) -> EditResult:
 # --------------------------------------------------------------------------- glasses
 
 
-def _lens_outline(centre: np.ndarray, frame: FaceFrame, half_w: float, half_h: float, squareness: float,
-                  n: int = 48) -> np.ndarray:
+def lens_outline(centre: np.ndarray, frame: FaceFrame, half_w: float, half_h: float, squareness: float,
+                 n: int = 48) -> np.ndarray:
     """Superellipse (exponent 2 = oval ... 6 = rounded rectangle) in pixels, closed polyline [n+1, 2]."""
     power = 2.0 + 4.0 * squareness
     t = np.linspace(0.0, 2.0 * np.pi, n + 1)
@@ -119,7 +119,7 @@ def edit_glasses(image: np.ndarray, landmarks: np.ndarray, params: dict[str, flo
     # Lens centres: the eye centres pushed slightly down and outwards (frames sit on the nose).
     centres = [lm[36:42].mean(0) + frame.iod * (0.06 * frame.v - 0.03 * frame.u),
                lm[42:48].mean(0) + frame.iod * (0.06 * frame.v + 0.03 * frame.u)]
-    lenses = [_lens_outline(c, frame, half_w, half_h, squareness) for c in centres]
+    lenses = [lens_outline(c, frame, half_w, half_h, squareness) for c in centres]
     inner_r = centres[0] + frame.iod * (half_w * frame.u - 0.08 * frame.v)
     inner_l = centres[1] - frame.iod * (half_w * frame.u + 0.08 * frame.v)
     bridge_mid = (inner_r + inner_l) / 2 - 0.06 * frame.iod * frame.v
@@ -183,7 +183,7 @@ def _strand_texture(frame: FaceFrame, shape: tuple[int, int], length: float, see
     return ((acc - acc.mean()) / max(float(acc.std()), 1e-6)).astype(np.float32)
 
 
-def _brow_colour(lab: np.ndarray, landmarks: np.ndarray, iod: float) -> np.ndarray:
+def brow_colour(lab: np.ndarray, landmarks: np.ndarray, iod: float) -> np.ndarray:
     """Lab colour of the brows' darker half: the person's natural facial-hair colour."""
     px = disc_samples(lab, np.asarray(landmarks, np.float64)[17:27], 0.06 * iod + 0.75)
     dark = px[px[:, 0] <= np.median(px[:, 0])]
@@ -232,7 +232,7 @@ def edit_beard(image: np.ndarray, landmarks: np.ndarray, params: dict[str, float
     mask = (region * cover * opacity).astype(np.float32)
 
     lab = to_lab(image)
-    base = _brow_colour(lab, lm, frame.iod)
+    base = brow_colour(lab, lm, frame.iod)
     # Dense facial hair reads darker than the brows (self-shadowing between strands).
     base_l = float(np.clip(0.85 * base[0] + 40.0 * p["lightness"], 5.0, 95.0))
     grey = float(np.clip(p["grey"], 0.0, 1.0))
@@ -247,7 +247,7 @@ def edit_beard(image: np.ndarray, landmarks: np.ndarray, params: dict[str, float
 # --------------------------------------------------------------------------- hair
 
 
-def _hue_direction(hue: float) -> np.ndarray:
+def hue_direction(hue: float) -> np.ndarray:
     """Unit (a, b) direction in Lab of the fully saturated colour with HSV hue ``hue`` (turns)."""
     hsv = np.array([[[hue % 1.0 * 360.0, 1.0, 1.0]]], np.float32)
     rgb = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
@@ -271,7 +271,7 @@ def edit_hair(image: np.ndarray, landmarks: np.ndarray, params: dict[str, float]
     lab = to_lab(image)
     # Chroma of dyed hair: clearly coloured, paler for light dyes (platinum is nearly neutral).
     chroma = 32.0 * (1.0 - 0.6 * max(lightness, 0.0))
-    target_ab = chroma * _hue_direction(p["hue"])
+    target_ab = chroma * hue_direction(p["hue"])
     out = lab.copy()
     out[..., 1:] = lab[..., 1:] + amount * (target_ab - lab[..., 1:])
     light = out[..., 0]

@@ -23,9 +23,9 @@ import numpy as np
 from scipy.ndimage import map_coordinates
 
 from perse_ray.synth.classical.edits import (
-    _brow_colour,
-    _hue_direction,
-    _lens_outline,
+    brow_colour,
+    hue_direction,
+    lens_outline,
     edit_beard,
     edit_glasses,
     edit_hair,
@@ -106,7 +106,7 @@ def _rounded(params: Params) -> Params:
 def _hue_table(steps: int = 720) -> tuple[np.ndarray, np.ndarray]:
     """HSV hues (turns) and their unit Lab ab directions, as ``edit_hair`` maps them."""
     hues = np.arange(steps) / steps
-    return hues, np.stack([_hue_direction(h) for h in hues])
+    return hues, np.stack([hue_direction(h) for h in hues])
 
 
 def _solve_hair(source: np.ndarray, target: np.ndarray) -> Params:
@@ -135,7 +135,7 @@ def _solve_hair(source: np.ndarray, target: np.ndarray) -> Params:
     hues, dirs = _hue_table()
     hue, _, _ = best(hues, dirs)
     fine = (hue + np.linspace(-1.0, 1.0, 41) / len(hues)) % 1.0
-    hue, amount, _ = best(fine, np.stack([_hue_direction(h) for h in fine]))
+    hue, amount, _ = best(fine, np.stack([hue_direction(h) for h in fine]))
     return {"hue": round(hue, 4) % 1.0, "amount": amount, "lightness": lightness}  # 0.99999 -> 0
 
 
@@ -257,7 +257,7 @@ def transfer_beard(source: np.ndarray, source_landmarks: np.ndarray, reference: 
     if ref_colour is None or ref_coverage <= src_coverage:
         return zero
     lm = np.asarray(source_landmarks, np.float64)
-    brow = _brow_colour(to_lab(source), lm, FaceFrame.from_landmarks(lm).iod)
+    brow = brow_colour(to_lab(source), lm, FaceFrame.from_landmarks(lm).iod)
 
     def stats(params: Params) -> tuple[float, np.ndarray | None]:
         return beard_stats(edit_beard(source, source_landmarks, params, _SEED)[0], source_landmarks)
@@ -327,7 +327,7 @@ def _across_outlines(light: np.ndarray, lm: np.ndarray, frame: FaceFrame, shape:
     scale = 1.0 + 0.35 * size
     columns = []
     for centre in _lens_centres(lm, frame):
-        pts = _lens_outline(centre, frame, 0.40 * scale, 0.27 * scale, shape)[:-1]
+        pts = lens_outline(centre, frame, 0.40 * scale, 0.27 * scale, shape)[:-1]
         tangent = np.roll(pts, -1, axis=0) - np.roll(pts, 1, axis=0)
         normal = np.stack([tangent[:, 1], -tangent[:, 0]], -1)
         normal /= np.maximum(np.linalg.norm(normal, axis=1, keepdims=True), 1e-12)
@@ -352,7 +352,7 @@ def _lens_interior(lm: np.ndarray, frame: FaceFrame, shape_hw: tuple[int, int]) 
     """Inner part of the default lenses, away from the rim and without the eyes: where a tint shows."""
     mask = np.zeros(shape_hw, np.float32)
     for centre in _lens_centres(lm, frame):
-        outline = _lens_outline(centre, frame, 0.40 * 0.75, 0.27 * 0.75, 0.0)
+        outline = lens_outline(centre, frame, 0.40 * 0.75, 0.27 * 0.75, 0.0)
         mask = np.maximum(mask, polygon_mask(shape_hw, outline))
     for eye in (EYE_R, EYE_L):
         c = lm[eye].mean(0)
