@@ -161,6 +161,10 @@ class TrainConfig:
     lambda_lpips: float = 0.0  # > 0 needs real LPIPS backbone weights (gpu preset)
     lambda_latent: float = 1e-4
     lambda_interp: float = 1.0
+    # L1 on the attribute branches' outputs: an edit changes only what its frames show changing.
+    # Without it a branch may move Gaussians its frames never see (hidden at the source, e.g. where
+    # another attribute's glasses appear), which only shows once edits are combined.
+    lambda_attr_delta: float = 0.0
     relocate_every: int = 100
     dead_opacity: float = 0.005  # a Gaussian below this opacity for every recent latent is dead
     holdout_fraction: float = 0.1

@@ -57,10 +57,10 @@ def test_coarse_steps_train_at_half_size_then_full(monkeypatch):
     sizes = []
     real = loop.render_frames
 
-    def spy(model, frames, backend, groups=None):
+    def spy(model, frames, *args):
         if torch.is_grad_enabled():
             sizes.append(tuple(frames.images.shape[1:3]))
-        return real(model, frames, backend, groups)
+        return real(model, frames, *args)
 
     monkeypatch.setattr(loop, "render_frames", spy)
     loop.train_avatar(rows, cfg, progress=False)
@@ -98,6 +98,45 @@ def test_branch_regions_skip_gaussians_outside_and_equal_the_masked_dense_decode
     moved = model.gaussians(model.compose(expression, other))
     changed = (moved["means"] - sparse["means"]).abs().sum(-1).amax(0) > 0
     assert changed.any() and not changed[~mask[0]].any()
+
+
+def test_attribute_l1_is_the_attribute_branches_mean_abs_output_and_changes_no_gaussian():
+    model, expression, selections = _model_and_batch(2)
+    n = model.means.shape[0]
+    model.set_branch_regions(torch.rand(3, n, generator=torch.Generator().manual_seed(1)) < 0.5)
+    z = model.compose(expression, selections)
+    plain, with_l1 = model.gaussians(z), model.gaussians(z, attribute_l1=True)
+    assert plain.keys() | {"attribute_l1"} == with_l1.keys()
+    for k in plain:
+        assert torch.equal(plain[k], with_l1[k]), k
+    slices = model.layout.slices()
+    branches = [z[:, slices["expression"]]] + [z[:, slices[a.name]] for a in model.layout.attributes]
+    from perse_ray.avatar.model import POSITION_SCALE, positional_encoding
+
+    gauss_in = torch.cat([model.features, positional_encoding(model.means / POSITION_SCALE, model.cfg.pos_freqs)], -1)
+    with torch.no_grad():
+        reference = 0.0
+        for b in (1, 2, 3):  # the expression branch (0) is not an edit: it is free to move everything
+            _, first = model.latent_groups(expression, selections)[b]
+            out = _single_branch(model.decoder, gauss_in, [x[first] for x in branches], b)
+            out = out * model.branch_regions[b - 1].float()[None, :, None]
+            reference += float(out.abs().sum()) / out.numel()
+    assert float(with_l1["attribute_l1"].detach()) == pytest.approx(reference, rel=1e-5)
+
+
+def test_attribute_delta_prior_shrinks_what_the_edits_change():
+    rows = frames_from_head(ProceduralHead(seed=0), load_config("cpu-smoke", SHRUNK))
+    sizes = {}
+    for lam in (0.0, 1.0):
+        model = loop.train_avatar(rows, load_config("cpu-smoke", SHRUNK + ["train.steps=30",
+                                                                           f"train.lambda_attr_delta={lam}"]),
+                                  progress=False).avatar.model
+        layout = model.layout
+        top = {a.name: a.num_edits - 1 for a in layout.attributes}  # every attribute at its top level
+        with torch.no_grad():
+            z = model.compose(torch.zeros(1, layout.exp_dim), model.slider_selection(top)[None])
+            sizes[lam] = float(model.gaussians(z, attribute_l1=True)["attribute_l1"])
+    assert 0 < sizes[1.0] < 0.5 * sizes[0.0]
 
 
 def _single_branch(decoder, gauss_in, branches, b):

@@ -73,13 +73,16 @@ class BranchDecoder(nn.Module):
     def forward(self, gauss_in: torch.Tensor, z_branches: list[torch.Tensor],
                 groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 regions: list[torch.Tensor | None] | None = None,
-                anchored: list[bool] | None = None) -> torch.Tensor:
+                anchored: list[bool] | None = None, l1_of: list[bool] | None = None,
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out].
 
         ``groups[b]`` = (inverse [B], first [U]) names branch b's distinct rows (see ``row_groups``);
         given, the decoder never looks at z's values, which on CUDA is a host sync per branch.
         ``regions[b]``: indices of the Gaussians branch b acts on (None: all of them).
         ``anchored[b]``: branch b outputs f(z) − f(0), and exactly zero on rows where z is all zeros.
+        ``l1_of[b]``: also return the sum over those branches of their mean |output| per distinct row,
+        Gaussian and channel (Gaussians outside a branch's region count as zeros): (deltas, l1).
         """
         nb, g_dim, hidden = self.w_gauss.shape
         regions = regions or [None] * nb
@@ -95,6 +98,7 @@ class BranchDecoder(nn.Module):
             if full else {}
         w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
         batch = z_branches[0].shape[0]
+        l1 = gauss_in.new_zeros(())
         total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) \
             if any(r is not None for r in regions) else None
         for b, z in enumerate(z_branches):
@@ -115,12 +119,14 @@ class BranchDecoder(nn.Module):
                 # in two places need not cancel bit for bit.
                 at_source = (zu[:-1] == 0).all(1)[:, None, None]
                 out = torch.where(at_source, torch.zeros_like(out[:-1]), out[:-1] - out[-1:])
+            if l1_of is not None and l1_of[b]:
+                l1 = l1 + out.abs().sum() / (out.shape[0] * gauss_in.shape[0] * out.shape[2])
             out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out.expand(batch, -1, -1)
             if index is not None:
                 total = total.index_add(1, index, out)
             else:
                 total = out if total is None else total + out
-        return total
+        return total if l1_of is None else (total, l1)
 
 
 def row_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,9 +229,10 @@ class AvatarModel(nn.Module):
         return [groups[b.input] for b in self.layout.branches()]
 
     def gaussians(self, z: torch.Tensor, groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  ) -> dict[str, torch.Tensor]:
+                  attribute_l1: bool = False) -> dict[str, torch.Tensor]:
         """Decode latents z [B, dim] into activated Gaussians, each [B, N, ...]. ``groups``: see
-        ``latent_groups`` (found from z when not given)."""
+        ``latent_groups`` (found from z when not given). ``attribute_l1`` adds "attribute_l1", the
+        attribute branches' mean |output| (``BranchDecoder.forward``'s ``l1_of``), for a prior."""
         slices = self.layout.slices()
         if not self.layout.exp_dim:
             slices["expression"] = None
@@ -235,26 +242,32 @@ class AvatarModel(nn.Module):
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
-        deltas = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices(),
-                              [b.anchored for b in layout_branches])
+        out = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices(),
+                           [b.anchored for b in layout_branches],
+                           [b.input != "expression" for b in layout_branches] if attribute_l1 else None)
+        deltas, l1 = out if attribute_l1 else (out, None)
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
-        return {
+        g = {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],
             "quats": self.quats + DELTA_UNITS["quat"] * d["quat"],
             "scales": torch.exp(self.log_scales + DELTA_UNITS["scale"] * d["scale"]),
             "opacities": torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0]),
             "colors": torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"]),
         }
+        if l1 is not None:
+            g["attribute_l1"] = l1
+        return g
 
     def render(self, z: torch.Tensor, viewmats: torch.Tensor, Ks: torch.Tensor, width: int, height: int, *,
-               background: torch.Tensor | None = None, backend: str = "auto", groups=None):
+               background: torch.Tensor | None = None, backend: str = "auto", groups=None,
+               attribute_l1: bool = False):
         """z [B, dim], viewmats [B, C, 4, 4], Ks [B, C, 3, 3] → (rgb [B, C, H, W, 3], alpha, gaussians).
 
         ``background`` [3] replaces the learned backdrop (e.g. a plain colour for serving).
         """
         from perse_ray.render import rasterize
 
-        g = self.gaussians(z, groups)
+        g = self.gaussians(z, groups, attribute_l1)
         rgb, alpha, _ = rasterize(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
                                   viewmats, Ks, width, height, backend=backend)
         if background is not None:

@@ -2,7 +2,9 @@
 
 Reads ``frames``-schema rows (only kept frames), draws random batches of (frame, camera, z) and
 fits the avatar with L1 + λ·(1−SSIM) (+ LPIPS where real weights exist), a small latent prior,
-and the interpolation regularization: morph frames carry (from, to, α) and are rendered at
+an optional L1 prior on what the attribute branches change (``train.lambda_attr_delta``: edits
+that stay small where their frames do not ask for change combine better), and the interpolation
+regularization: morph frames carry (from, to, α) and are rendered at
 lerp(code_from, code_to, α) and compared with their reference inside the edit's mask.
 """
 
@@ -202,10 +204,11 @@ def photometric_loss(render: torch.Tensor, target: torch.Tensor, weight: torch.T
     return loss
 
 
-def render_frames(model: AvatarModel, frames: FrameSet, backend: str, groups=None):
+def render_frames(model: AvatarModel, frames: FrameSet, backend: str, groups=None, attribute_l1: bool = False):
     z = model.compose(frames.expression, frames.selections)
     rgb, _, g = model.render(z, frames.viewmats[:, None], frames.Ks[:, None],
-                             frames.images.shape[2], frames.images.shape[1], backend=backend, groups=groups)
+                             frames.images.shape[2], frames.images.shape[1], backend=backend, groups=groups,
+                             attribute_l1=attribute_l1)
     return rgb[:, 0], g
 
 
@@ -297,9 +300,11 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         groups = model.latent_groups(latents_cpu[0][batch_idx], latents_cpu[1][batch_idx])
         batch_idx = batch_idx.to(device)
         batch = (coarse_set if step < coarse_steps else train_set).subset(batch_idx)
-        rgb, g = render_frames(model, batch, machine.render_backend, groups)
+        rgb, g = render_frames(model, batch, machine.render_backend, groups, tcfg.lambda_attr_delta > 0)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim, lpips_model, tcfg.lambda_lpips)
         loss = (per_frame * morph_weight[batch_idx]).sum() / global_batch
+        if tcfg.lambda_attr_delta:  # this rank's share, by its frames
+            loss = loss + tcfg.lambda_attr_delta * len(batch_idx) / global_batch * g["attribute_l1"]
         if tcfg.lambda_latent:  # once over the group: each rank adds its share
             loss = loss + tcfg.lambda_latent / world * sum((c**2).sum() for c in model.codes.values())
         optimizer.zero_grad(set_to_none=True)
