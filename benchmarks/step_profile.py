@@ -68,13 +68,16 @@ def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
     backend, tcfg = cfg.machine.render_backend, cfg.train
     w, h = cfg.render.width, cfg.render.height
     out = {}
+    # as train_avatar: distinct rows found on the host once per batch, the attribute prior if on
+    groups = model.latent_groups(batch.expression, batch.selections)
+    prior = tcfg.lambda_attr_delta > 0
 
     def decoder_forward():
         with torch.no_grad():
-            model.gaussians(model.compose(batch.expression, batch.selections))
+            model.gaussians(model.compose(batch.expression, batch.selections), groups, prior)
 
     def decoder_both():
-        g = model.gaussians(model.compose(batch.expression, batch.selections))
+        g = model.gaussians(model.compose(batch.expression, batch.selections), groups, prior)
         sum((v * 1e-3).sum() for v in g.values()).backward()
 
     with torch.no_grad():
@@ -97,8 +100,10 @@ def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
             value.backward()
 
     def step():
-        rgb, _ = render_frames(model, batch, backend)
+        rgb, g = render_frames(model, batch, backend, groups, prior)
         value = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim).sum()
+        if prior:
+            value = value + tcfg.lambda_attr_delta * g["attribute_l1"]
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()
