@@ -209,6 +209,8 @@ class Config:
         """What changes a trained avatar: its frames (the synthesis hash), avatar, train and the
         render size. The DDP worker count is not in it: ranks split one global batch."""
         d = self.to_dict()
+        if not d["train"]["lambda_attr_delta"]:  # added since: off, a run is what it was, so is its hash
+            del d["train"]["lambda_attr_delta"]
         return _digest({"scheme": 2, "synthesis": self.synthesis_hash(), "avatar": d["avatar"],
                         "train": d["train"], "render": {k: d["render"][k] for k in ("width", "height")}})
 
@@ -218,7 +220,7 @@ class Config:
         d = self.to_dict()
         m = d.pop("machine")
         for section, key, old in (("synth", "combined_frames", 0), ("train", "coarse_fraction", 0.0),
-                                  ("avatar", "branch_regions", False)):
+                                  ("avatar", "branch_regions", False), ("train", "lambda_attr_delta", 0.0)):
             if d[section][key] == old:  # keys added since: at their old behaviour they are absent
                 del d[section][key]
         d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],

@@ -79,7 +79,7 @@ def test_stage_hashes_cover_what_each_stage_computes():
         assert other.synthesis_hash() != base.synthesis_hash() and other.training_hash() != base.training_hash(), override
     # what changes only the avatar leaves the frames' hash alone
     for override in ("train.steps=7", "avatar.num_gaussians=100", "render.width=32", "train.batch_size=8",
-                     "avatar.background=[0,0,0]"):
+                     "avatar.background=[0,0,0]", "train.lambda_attr_delta=0.5"):
         other = same(override)
         assert other.synthesis_hash() == base.synthesis_hash() and other.training_hash() != base.training_hash(), override
     # where it runs is in no hash
@@ -101,9 +101,17 @@ def test_legacy_hash_reproduces_the_single_hash_of_older_outputs(preset, overrid
     # Older outputs were synthesized with the motion script's earlier ranges (+-30 deg yaw, +-12
     # pitch) and no combined-edit frames.
     then = ["synth.motion.yaw_range=30.0", "synth.motion.pitch_range=12.0", "synth.combined_frames=0",
-            "avatar.branch_regions=false"]
+            "avatar.branch_regions=false", "train.lambda_attr_delta=0"]
     assert load_config(preset, overrides + then).legacy_hash() == old_hash
     assert load_config(preset, overrides).legacy_hash() != old_hash  # today's wider turns are new frames
+
+
+@pytest.mark.parametrize("preset, old_hash", [("gpu", "6dba5bd1e42b"), ("tiny", "4497e633bcd3"),
+                                              ("cpu-smoke", "a757d6f805e9")])
+def test_training_hash_is_unchanged_by_keys_added_at_their_off_value(preset, old_hash):
+    # what training_hash gave before train.lambda_attr_delta existed: avatars trained then are reused
+    assert load_config(preset).training_hash() == old_hash
+    assert load_config(preset, ["train.lambda_attr_delta=0.1"]).training_hash() != old_hash
 
 
 def _frame_row(**kw):
