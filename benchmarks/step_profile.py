@@ -34,8 +34,8 @@ from perse_ray.bench.ground_truth import frames_from_head  # noqa: E402
 from perse_ray.bench.procedural import ProceduralHead  # noqa: E402
 from perse_ray.config import load_config  # noqa: E402
 from perse_ray.render import rasterize  # noqa: E402
-from perse_ray.train.loop import (_param_groups, frameset_from_rows, photometric_loss,  # noqa: E402
-                                  render_frames)
+from perse_ray.train.loop import (_param_groups, attribute_prior, frameset_from_rows,  # noqa: E402
+                                  photometric_loss, render_frames)
 
 
 def _timed(fn, repeats: int) -> float:
@@ -101,9 +101,7 @@ def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
 
     def step():
         rgb, g = render_frames(model, batch, backend, groups, prior)
-        value = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim).sum()
-        if prior:
-            value = value + tcfg.lambda_attr_delta * g["attribute_l1"]
+        value = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim).sum() + attribute_prior(g, tcfg)
         optimizer.zero_grad(set_to_none=True)
         value.backward()
         optimizer.step()

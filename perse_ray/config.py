@@ -208,27 +208,35 @@ class Config:
     def training_hash(self) -> str:
         """What changes a trained avatar: its frames (the synthesis hash), avatar, train and the
         render size. The DDP worker count is not in it: ranks split one global batch."""
-        d = self.to_dict()
-        if not d["train"]["lambda_attr_delta"]:  # added since: off, a run is what it was, so is its hash
-            del d["train"]["lambda_attr_delta"]
+        d = _without_added_keys(self.to_dict(), _ADDED_SINCE_TRAINING_SCHEME_2)
         return _digest({"scheme": 2, "synthesis": self.synthesis_hash(), "avatar": d["avatar"],
                         "train": d["train"], "render": {k: d["render"][k] for k in ("width", "height")}})
 
     def legacy_hash(self) -> str:
         """The single hash perse-ray wrote before stage hashes (every section but the device, with
         the old section layout), so outputs made then are recognised and reused, not redone."""
-        d = self.to_dict()
+        d = _without_added_keys(self.to_dict(), _ADDED_SINCE_LEGACY_HASH)
         m = d.pop("machine")
-        for section, key, old in (("synth", "combined_frames", 0), ("train", "coarse_fraction", 0.0),
-                                  ("avatar", "branch_regions", False), ("train", "lambda_attr_delta", 0.0)):
-            if d[section][key] == old:  # keys added since: at their old behaviour they are absent
-                del d[section][key]
         d["synth"].update(batch_size=m["synth_batch_size"], actors_per_stage=m["actors_per_stage"],
                           cpus_per_actor=m["cpus_per_actor"], gpus_per_actor=m["gpus_per_actor"])
         d["render"] = {"backend": m["render_backend"], **d["render"], "background": d["avatar"].pop("background")}
         d["train"].update(lambda_identity=0.0, checkpoint_every=m["checkpoint_every"], log_every=m["log_every"])
         d["serve"] = dict(_LEGACY_SERVE, **_LEGACY_SERVE_BY_PRESET.get(self.preset, {}))
         return _digest(d)
+
+
+# Keys added to the config after a hash was defined, with the value that behaves as before their
+# time: at that value they are left out of that hash, so what was made then is recognised and reused.
+_ADDED_SINCE_TRAINING_SCHEME_2 = (("train", "lambda_attr_delta", 0.0),)
+_ADDED_SINCE_LEGACY_HASH = (("synth", "combined_frames", 0), ("train", "coarse_fraction", 0.0),
+                            ("avatar", "branch_regions", False), *_ADDED_SINCE_TRAINING_SCHEME_2)
+
+
+def _without_added_keys(d: dict, added: tuple[tuple[str, str, object], ...]) -> dict:
+    for section, key, old in added:
+        if d[section][key] == old:
+            del d[section][key]
+    return d
 
 
 def _digest(values: dict) -> str:

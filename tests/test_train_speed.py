@@ -80,11 +80,7 @@ def test_branch_regions_skip_gaussians_outside_and_equal_the_masked_dense_decode
     assert [None if r is None else len(r) for r in model.region_indices()] == [None, int(mask[0].sum()), 0, None]
     sparse = model.gaussians(z)
     # Reference: the dense decoder's per-branch outputs, each zeroed outside its region, summed.
-    slices = model.layout.slices()
-    branches = [z[:, slices["expression"]]] + [z[:, slices[a.name]] for a in model.layout.attributes]
-    from perse_ray.avatar.model import POSITION_SCALE, positional_encoding
-
-    gauss_in = torch.cat([model.features, positional_encoding(model.means / POSITION_SCALE, model.cfg.pos_freqs)], -1)
+    gauss_in, branches = _decoder_inputs(model, z)
     with torch.no_grad():
         weights = torch.stack([torch.ones(n)] + [m.float() for m in mask])  # [4, N]
         reference = sum(_single_branch(model.decoder, gauss_in, branches, b) * weights[b][None, :, None]
@@ -109,11 +105,7 @@ def test_attribute_l1_is_the_attribute_branches_mean_abs_output_and_changes_no_g
     assert plain.keys() | {"attribute_l1"} == with_l1.keys()
     for k in plain:
         assert torch.equal(plain[k], with_l1[k]), k
-    slices = model.layout.slices()
-    branches = [z[:, slices["expression"]]] + [z[:, slices[a.name]] for a in model.layout.attributes]
-    from perse_ray.avatar.model import POSITION_SCALE, positional_encoding
-
-    gauss_in = torch.cat([model.features, positional_encoding(model.means / POSITION_SCALE, model.cfg.pos_freqs)], -1)
+    gauss_in, branches = _decoder_inputs(model, z)
     with torch.no_grad():
         reference = 0.0
         for b in (1, 2, 3):  # the expression branch (0) is not an edit: it is free to move everything
@@ -137,6 +129,16 @@ def test_attribute_delta_prior_shrinks_what_the_edits_change():
             z = model.compose(torch.zeros(1, layout.exp_dim), model.slider_selection(top)[None])
             sizes[lam] = float(model.gaussians(z, attribute_l1=True)["attribute_l1"])
     assert 0 < sizes[1.0] < 0.5 * sizes[0.0]
+
+
+def _decoder_inputs(model, z):
+    """(gauss_in [N, G], per-branch slices of z) as ``AvatarModel.gaussians`` hands them to the decoder."""
+    from perse_ray.avatar.model import POSITION_SCALE, positional_encoding
+
+    slices = model.layout.slices()
+    branches = [z[:, slices["expression"]]] + [z[:, slices[a.name]] for a in model.layout.attributes]
+    pos = positional_encoding(model.means / POSITION_SCALE, model.cfg.pos_freqs)
+    return torch.cat([model.features, pos], -1), branches
 
 
 def _single_branch(decoder, gauss_in, branches, b):

@@ -98,7 +98,7 @@ class BranchDecoder(nn.Module):
             if full else {}
         w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
         batch = z_branches[0].shape[0]
-        l1 = gauss_in.new_zeros(())
+        l1 = gauss_in.new_zeros(()) if l1_of is not None else None
         total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) \
             if any(r is not None for r in regions) else None
         for b, z in enumerate(z_branches):

@@ -204,6 +204,12 @@ def photometric_loss(render: torch.Tensor, target: torch.Tensor, weight: torch.T
     return loss
 
 
+def attribute_prior(g: dict[str, torch.Tensor], tcfg) -> torch.Tensor | float:
+    """``train.lambda_attr_delta`` × the attribute branches' mean |output| (0 when off) for Gaussians
+    decoded with ``attribute_l1=tcfg.lambda_attr_delta > 0``."""
+    return tcfg.lambda_attr_delta * g["attribute_l1"] if tcfg.lambda_attr_delta else 0.0
+
+
 def render_frames(model: AvatarModel, frames: FrameSet, backend: str, groups=None, attribute_l1: bool = False):
     z = model.compose(frames.expression, frames.selections)
     rgb, _, g = model.render(z, frames.viewmats[:, None], frames.Ks[:, None],
@@ -303,8 +309,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
         rgb, g = render_frames(model, batch, machine.render_backend, groups, tcfg.lambda_attr_delta > 0)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim, lpips_model, tcfg.lambda_lpips)
         loss = (per_frame * morph_weight[batch_idx]).sum() / global_batch
-        if tcfg.lambda_attr_delta:  # this rank's share, by its frames
-            loss = loss + tcfg.lambda_attr_delta * len(batch_idx) / global_batch * g["attribute_l1"]
+        loss = loss + attribute_prior(g, tcfg) * len(batch_idx) / global_batch  # this rank's share, by its frames
         if tcfg.lambda_latent:  # once over the group: each rank adds its share
             loss = loss + tcfg.lambda_latent / world * sum((c**2).sum() for c in model.codes.values())
         optimizer.zero_grad(set_to_none=True)
