@@ -132,6 +132,12 @@ class AvatarConfig:
     backdrop: bool = True  # learn a camera-fixed 2D background (the 2D animator keeps it fixed)
     backdrop_res: int = 32
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # behind the Gaussians without a backdrop
+    # How the attribute branches' changes combine when several sliders move: "sum" adds their
+    # logits; "union" composes opacity as a union (what one edit turns on, glasses, survives another
+    # that fades the same Gaussians, hair over the brows) and lets the largest colour change win
+    # (dark lenses stay dark over a lightened brow): model.union_opacity, model.dominant_change.
+    attribute_composition: Literal["sum", "union"] = "sum"
+    color_dominance: float = 0.0  # union only: per logit, how much the largest colour change wins (0: they add)
 
 
 @dataclass
@@ -227,7 +233,8 @@ class Config:
 
 # Keys added to the config after a hash was defined, with the value that behaves as before their
 # time: at that value they are left out of that hash, so what was made then is recognised and reused.
-_ADDED_SINCE_TRAINING_SCHEME_2 = (("train", "lambda_attr_delta", 0.0),)
+_ADDED_SINCE_TRAINING_SCHEME_2 = (("train", "lambda_attr_delta", 0.0),
+                                  ("avatar", "attribute_composition", "sum"), ("avatar", "color_dominance", 0.0))
 _ADDED_SINCE_LEGACY_HASH = (("synth", "combined_frames", 0), ("train", "coarse_fraction", 0.0),
                             ("avatar", "branch_regions", False), *_ADDED_SINCE_TRAINING_SCHEME_2)
 

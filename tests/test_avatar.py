@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from perse_ray.avatar import AvatarFormatError, AvatarModel, LatentLayout, export_ply, load_avatar, save_avatar
 from perse_ray.avatar.losses import psnr, ssim
-from perse_ray.avatar.model import BranchDecoder
+from perse_ray.avatar.model import BranchDecoder, dominant_change, union_opacity
 from perse_ray.avatar.relocate import relocate_dead, split_opacity_and_scale
 from perse_ray.bench.ground_truth import Scorer, frames_from_head, score_views
 from perse_ray.bench.procedural import ProceduralHead
@@ -75,6 +76,74 @@ def test_branch_decoder_dedupe_matches_naive_and_is_additive():
     moved = [z[0], z[1] + 0.5, z[2]]
     moved2 = [z2[0], z2[1] + 0.5, z2[2]]
     assert torch.allclose(dec(g, moved) - out, dec(g, moved2) - dec(g, z2), atol=1e-5)
+
+
+def test_union_opacity_is_exact_alone_and_keeps_what_one_edit_turns_on():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, generator=gen)
+    alone = torch.zeros(3, 2, 50)
+    alone[1] = 3 * torch.randn(2, 50, generator=gen)
+    assert torch.allclose(union_opacity(logits, alone), torch.sigmoid(logits + alone[1]), atol=1e-6)
+    assert torch.allclose(union_opacity(logits, torch.zeros(3, 2, 50)), torch.sigmoid(logits), atol=1e-6)
+    # two edits that both fade a Gaussian multiply its opacity; two that raise it cover what is left
+    o, down, up = torch.sigmoid(logits), torch.full((2, 2, 50), -1.5), torch.full((2, 2, 50), 1.5)
+    assert torch.allclose(union_opacity(logits, down), o * (torch.sigmoid(logits - 1.5) / o) ** 2, atol=1e-6)
+    assert torch.allclose(1 - union_opacity(logits, up), (1 - o) * ((1 - torch.sigmoid(logits + 1.5)) / (1 - o)) ** 2,
+                          atol=1e-6)
+    # glasses turn a faint Gaussian on (0.2 -> 0.68) where hair fades it (-> 0.02): it stays on
+    faint = torch.logit(torch.tensor([[0.2]]))
+    glasses, hair = torch.logit(torch.tensor(0.68)) - faint, torch.logit(torch.tensor(0.02)) - faint
+    both = union_opacity(faint, torch.stack([glasses, hair]))
+    assert 0.6 < float(both) < 0.68 and float(torch.sigmoid(faint + glasses + hair)) < 0.2
+    # at zero deltas (the decoder's zero-initialised output layer) each delta's gradient is sigmoid's,
+    # as with the sum: an edit can start to change opacity at all
+    at_zero = torch.autograd.functional.jacobian(lambda d: union_opacity(faint, d).sum(), torch.zeros(2, 1, 1))
+    assert torch.allclose(at_zero, torch.full((2, 1, 1), 0.2 * 0.8), atol=1e-6)
+
+
+def test_dominant_colour_change_is_exact_alone_and_lets_the_larger_of_two_win():
+    gen = torch.Generator().manual_seed(0)
+    alone = torch.zeros(3, 2, 40, 3)
+    alone[2] = 2 * torch.randn(2, 40, 3, generator=gen)
+    assert torch.equal(dominant_change(alone, 2.0), alone[2])
+    # dark lenses (-3 logits) over a brow the hair edit lightens (+1): the lens keeps its colour
+    lens, lighter = torch.full((1, 1, 3), -3.0), torch.full((1, 1, 3), 1.0)
+    both = dominant_change(torch.stack([lighter, lens]), 2.0)
+    assert torch.allclose(both, lens + lighter * math.exp(-2.0 * (3 - 1) * math.sqrt(3)), atol=1e-5)
+    assert float(both.mean()) < -2.99
+    # two equal changes add, and at dominance 0 any two do, as the sum would
+    assert torch.allclose(dominant_change(torch.stack([lighter, lighter]), 2.0), 2 * lighter)
+    assert torch.allclose(dominant_change(torch.stack([lighter, lens]), 0.0), lighter + lens)
+
+
+def test_union_composition_matches_the_sum_for_one_attribute_and_differs_for_several():
+    layout = LatentLayout.from_config(load_config("cpu-smoke", SHRUNK).synth, 4)
+    models = {mode: AvatarModel(layout, load_config("cpu-smoke", [*SHRUNK, f"avatar.attribute_composition={mode}",
+                                                                  "avatar.color_dominance=2"]).avatar)
+              for mode in ("sum", "union")}
+    torch.nn.init.normal_(models["sum"].decoder.w_out, generator=torch.Generator().manual_seed(1))
+    models["union"].load_state_dict(models["sum"].state_dict())  # the same weights, composed two ways
+    # zero codes make every attribute branch output its f(0); only hair's code moves below
+    one = models["sum"].compose(torch.zeros(1, 3), models["sum"].slider_selection({"hair": 1})[None])
+    several = models["sum"].compose(torch.zeros(1, 3), models["sum"].slider_selection({"hair": 1, "glasses": 1})[None])
+    model_u = models["union"]
+    with torch.no_grad():
+        # with every other attribute branch silenced, union and sum agree exactly
+        for m in models.values():
+            m.decoder.w_out[2:] = 0
+            m.decoder.b_out[2:] = 0
+        g_sum, g_union = models["sum"].gaussians(one), model_u.gaussians(one)
+        assert torch.allclose(g_sum["opacities"], g_union["opacities"], atol=1e-6)
+        assert torch.equal(g_sum["colors"], g_union["colors"]) and torch.equal(g_sum["means"], g_union["means"])
+        for m in models.values():
+            m.decoder.w_out[2:] = torch.randn(m.decoder.w_out[2:].shape, generator=torch.Generator().manual_seed(2))
+        assert not torch.allclose(models["sum"].gaussians(several)["opacities"],
+                                  model_u.gaussians(several)["opacities"], atol=1e-3)
+    # and it trains from the start: in a fresh model (zero output layer, every delta exactly 0) the
+    # opacity gradient reaches every attribute branch's output layer
+    fresh = AvatarModel(layout, model_u.cfg)
+    fresh.gaussians(several)["opacities"].sum().backward()
+    assert (fresh.decoder.w_out.grad[1:, :, 10].abs().sum(1) > 0).all()
 
 
 def test_opacity_split_preserves_single_gaussian_and_shrinks_copies():

@@ -101,7 +101,8 @@ def test_legacy_hash_reproduces_the_single_hash_of_older_outputs(preset, overrid
     # Older outputs were synthesized with the motion script's earlier ranges (+-30 deg yaw, +-12
     # pitch) and no combined-edit frames.
     then = ["synth.motion.yaw_range=30.0", "synth.motion.pitch_range=12.0", "synth.combined_frames=0",
-            "avatar.branch_regions=false", "train.lambda_attr_delta=0"]
+            "avatar.branch_regions=false", "train.lambda_attr_delta=0",
+            "avatar.attribute_composition=sum"]
     assert load_config(preset, overrides + then).legacy_hash() == old_hash
     assert load_config(preset, overrides).legacy_hash() != old_hash  # today's wider turns are new frames
 

@@ -5,8 +5,10 @@ Every Gaussian has canonical parameters and a learned feature. The decoder turns
 colour. It is a sum of branches — one for expression, one per attribute — each seeing only its own
 slice of z: moving one attribute's slider can only act through that attribute's branch, which is
 the architectural half of disentanglement (the data, where each video edits one attribute, is the
-other half). The number of Gaussians is fixed (DDP never sees changing shapes); dead ones are
-relocated onto live ones (see ``relocate.py``).
+other half). With ``avatar.attribute_composition = "union"`` the attributes' opacity and colour
+changes are not added but composed (``union_opacity``, ``dominant_change``), so edits never trained
+together still look like each edit applied. The number of Gaussians is fixed (DDP never sees
+changing shapes); dead ones are relocated onto live ones (see ``relocate.py``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class BranchDecoder(nn.Module):
                 groups: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
                 regions: list[torch.Tensor | None] | None = None,
                 anchored: list[bool] | None = None, l1_of: list[bool] | None = None,
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                parts: list[int] | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """gauss_in [N, G], z_branches[b] [B, d_b] → summed deltas [B, N, out].
 
         ``groups[b]`` = (inverse [B], first [U]) names branch b's distinct rows (see ``row_groups``);
@@ -83,6 +85,8 @@ class BranchDecoder(nn.Module):
         ``anchored[b]``: branch b outputs f(z) − f(0), and exactly zero on rows where z is all zeros.
         ``l1_of[b]``: also return the sum over those branches of their mean |output| per distinct row,
         Gaussian and channel (Gaussians outside a branch's region count as zeros): (deltas, l1).
+        ``parts[b]``: the part branch b is summed into; given, the deltas are [P, B, N, out], one sum
+        per part (the union opacity composes the parts' opacities, see ``union_opacity``).
         """
         nb, g_dim, hidden = self.w_gauss.shape
         regions = regions or [None] * nb
@@ -99,8 +103,9 @@ class BranchDecoder(nn.Module):
         w_hidden = [(w.unbind(0), bias.unbind(0)) for w, bias in zip(self.w_hidden, self.b_hidden)]
         batch = z_branches[0].shape[0]
         l1 = gauss_in.new_zeros(()) if l1_of is not None else None
-        total = gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1]) \
-            if any(r is not None for r in regions) else None
+        part_of = parts or [0] * nb
+        zeros = lambda: gauss_in.new_zeros(batch, gauss_in.shape[0], self.w_out.shape[-1])  # noqa: E731
+        totals = [zeros() if any(r is not None for r in regions) else None for _ in range(max(part_of) + 1)]
         for b, z in enumerate(z_branches):
             inverse, first = groups[b] if groups is not None else row_groups(z.detach())
             index = regions[b]
@@ -122,11 +127,48 @@ class BranchDecoder(nn.Module):
             if l1_of is not None and l1_of[b]:
                 l1 = l1 + out.abs().sum() / (out.shape[0] * gauss_in.shape[0] * out.shape[2])
             out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out.expand(batch, -1, -1)
+            p, total = part_of[b], totals[part_of[b]]
             if index is not None:
-                total = total.index_add(1, index, out)
+                totals[p] = total.index_add(1, index, out)
             else:
-                total = out if total is None else total + out
+                totals[p] = out if total is None else total + out
+        total = totals[0] if parts is None else torch.stack([zeros() if t is None else t for t in totals])
         return total if l1_of is None else (total, l1)
+
+
+def union_opacity(logits: torch.Tensor, attribute_deltas: torch.Tensor) -> torch.Tensor:
+    """Opacity when every attribute's edit is applied at once, as a union of what each one does.
+
+    logits [B, N]: canonical plus expression; attribute_deltas [A, B, N] in logit units. Alone, an
+    attribute gives exactly sigmoid(logits + delta). Together, what lowers opacity multiplies the
+    opacity (keep = o_a / o), what raises it covers what is left (1 − o_a = (1 − o)(1 − add)), so
+    a Gaussian one edit turns on (glasses) stays on where another edit fades it (hair over the brows);
+    a sum of logits would let the second cancel the first.
+    """
+    keep = clear = torch.zeros_like(logits)
+    for delta in attribute_deltas:  # in order, so an attribute added later at its source (exact zeros) changes no bit
+        # split so that the gradient at exactly 0 (a zero-initialised output layer) is sigmoid's, not
+        # lost between the two sides as clamp's would be
+        lower = torch.where(delta <= 0, delta, torch.zeros_like(delta))
+        keep = keep + (nn.functional.logsigmoid(logits + lower) - nn.functional.logsigmoid(logits))
+        clear = clear + (nn.functional.logsigmoid(-logits - (delta - lower)) - nn.functional.logsigmoid(-logits))
+    return 1 - (1 - torch.sigmoid(logits) * keep.exp()) * clear.exp()
+
+
+def dominant_change(changes: torch.Tensor, dominance: float) -> torch.Tensor:
+    """Attributes' colour changes [A, B, N, 3] (logits) → one change [B, N, 3], the largest favoured.
+
+    Each change is weighted by exp(dominance · (|change| − the largest |change|)): alone (or as the
+    largest) a change counts in full, so a single edit is exact; where two edits recolour one
+    Gaussian (dark lenses over brows the hair edit lightens) the weaker one yields by how much
+    smaller it is. Dominance 0 adds them, as the sum composition does.
+    """
+    size = (changes.square().sum(-1, keepdim=True) + 1e-12).sqrt()
+    weight = torch.exp(dominance * (size - size.amax(0, keepdim=True)))
+    out = torch.zeros_like(changes[0])
+    for w, change in zip(weight, changes):  # in order: an attribute added later at its source changes no bit
+        out = out + w * change
+    return out
 
 
 def row_groups(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,17 +284,35 @@ class AvatarModel(nn.Module):
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
+        union = self.cfg.attribute_composition == "union"
+        # union: one part for the expression and one per attribute (its residual branches with it)
+        attribute_index = {a.name: i for i, a in enumerate(self.layout.attributes)}
+        parts = [0 if b.input == "expression" else 1 + attribute_index[b.input] for b in layout_branches] \
+            if union else None
         out = self.decoder(torch.cat([self.features, pos], dim=-1), branches, groups, self.region_indices(),
                            [b.anchored for b in layout_branches],
-                           [b.input != "expression" for b in layout_branches] if attribute_l1 else None)
+                           [b.input != "expression" for b in layout_branches] if attribute_l1 else None, parts)
         deltas, l1 = out if attribute_l1 else (out, None)
+        per_part = deltas if union else None
+        if union:
+            deltas = per_part[0]
+            for part in per_part[1:]:  # in branch order, as the sum composition adds them
+                deltas = deltas + part
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
+        if union:
+            opacity = DELTA_UNITS["opacity"] * per_part[..., 10]  # [1 + A, B, N]; channel 10 is the opacity
+            opacities = union_opacity(self.opacity_logits + opacity[0], opacity[1:])
+            color = DELTA_UNITS["color"] * per_part[..., 11:14]
+            colors = torch.sigmoid(self.color_logits + color[0] + dominant_change(color[1:], self.cfg.color_dominance))
+        else:
+            opacities = torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0])
+            colors = torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"])
         g = {
             "means": self.means + DELTA_UNITS["mean"] * d["mean"],
             "quats": self.quats + DELTA_UNITS["quat"] * d["quat"],
             "scales": torch.exp(self.log_scales + DELTA_UNITS["scale"] * d["scale"]),
-            "opacities": torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0]),
-            "colors": torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"]),
+            "opacities": opacities,
+            "colors": colors,
         }
         if l1 is not None:
             g["attribute_l1"] = l1
