@@ -44,14 +44,18 @@ def _need(path_or_none, what: str):
         pytest.skip(f"needs {what}")
 
 
-def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchored=False) -> AvatarModel:
+def _model(num_gaussians=300, hidden_layers=2, expressions=True, seed=0, anchored=False,
+           composition="sum", dominance=0.0) -> AvatarModel:
     """A model with random (not zero) decoder outputs, so every branch moves every parameter in its region;
     ``anchored``: with a level and an attribute added after training (``grow_level``, ``grow_attribute``):
-    a residual branch and an anchored one."""
+    a residual branch and an anchored one. ``composition``, ``dominance``: avatar.attribute_composition and
+    avatar.color_dominance."""
     from perse_ray.avatar.extend import grow_attribute, grow_level
 
     cfg = load_config("cpu-smoke", [f"avatar.num_gaussians={num_gaussians}",
-                                    f"avatar.hidden_layers={hidden_layers}", "avatar.code_dim=4"])
+                                    f"avatar.hidden_layers={hidden_layers}", "avatar.code_dim=4",
+                                    f"avatar.attribute_composition={composition}",
+                                    f"avatar.color_dominance={dominance}"])
     layout = LatentLayout.from_config(cfg.synth, 4)
     if not expressions:
         layout = LatentLayout([], layout.attributes)
@@ -88,9 +92,15 @@ def _with_source_slider(model: AvatarModel, cases: list) -> list:
     return cases + [({**attrs, name: 0.0}, expr) for attrs, expr in cases[:5] for name in anchored]
 
 
-@pytest.mark.parametrize("hidden_layers,expressions,anchored", [(1, True, False), (2, False, False), (1, True, True)])
-def test_numpy_decode_of_the_bundle_matches_the_model(hidden_layers, expressions, anchored):
-    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored)
+# (hidden layers, expressions, anchored branches, attribute composition, colour dominance)
+DECODE_CASES = [(1, True, False, "sum", 0.0), (2, False, False, "sum", 0.0), (1, True, True, "sum", 0.0),
+                (1, True, True, "union", 0.0), (2, False, False, "union", 2.0)]
+
+
+@pytest.mark.parametrize("hidden_layers,expressions,anchored,composition,dominance", DECODE_CASES)
+def test_numpy_decode_of_the_bundle_matches_the_model(hidden_layers, expressions, anchored, composition, dominance):
+    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored, composition=composition,
+                   dominance=dominance)
     bundle = decode_bundle(encode_bundle(model, CAMERA, avatar_id="ada", version="v0001"))
     assert bundle.header["avatar"] == {"id": "ada", "version": "v0001"}
     assert bundle.header["camera"]["fov_deg"] == 30.0 and bundle.num_gaussians == 300
@@ -128,11 +138,12 @@ writeFileSync(process.argv[4], JSON.stringify(out));
 """
 
 
-@pytest.mark.parametrize("hidden_layers,expressions,anchored", [(1, True, False), (2, False, False), (1, True, True)])
+@pytest.mark.parametrize("hidden_layers,expressions,anchored,composition,dominance", DECODE_CASES)
 def test_browser_decoder_matches_the_model_and_redecodes_only_the_moved_branch(tmp_path, hidden_layers, expressions,
-                                                                               anchored):
+                                                                               anchored, composition, dominance):
     _need(NODE, "node")
-    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored)
+    model = _model(hidden_layers=hidden_layers, expressions=expressions, anchored=anchored, composition=composition,
+                   dominance=dominance)
     (tmp_path / "b.bin").write_bytes(encode_bundle(model, CAMERA))
     cases = random_latents(model.layout, {}, 20, 10 + hidden_layers, expression_range=EXPRESSION_RANGE)
     # then: one attribute moved (one branch re-runs), nothing moved (none), an expression moved
@@ -180,6 +191,8 @@ def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
     huge["sections"][-1]["nbytes"] = 1 << 40
     f16 = json.loads(json.dumps(header))
     f16["sections"][0]["dtype"] = "float16"
+    composition = json.loads(json.dumps(header))
+    composition["decoder"]["attribute_composition"] = "max"
     return {
         "truncated": (good[:-100], "truncated"),
         "header cut": (good[:40], "truncated"),
@@ -191,6 +204,7 @@ def _corrupt_cases(good: bytes) -> dict[str, tuple[bytes, str]]:
         "shape": (with_header(wrong_shape), "shape"),
         "count": (with_header(wrong_count), "shape"),
         "dtype": (with_header(f16), "dtype"),
+        "composition": (with_header(composition), "attribute_composition"),
         "declared too large": (with_header(huge), "over the cap"),
         "json": (good[:12] + b"{" * head_len + good[12 + head_len:], "JSON"),
     }

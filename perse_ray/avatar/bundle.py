@@ -14,8 +14,11 @@ branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``bran
 (1 where a branch acts on a Gaussian, 0 where it adds nothing); the learned backdrop when
 the avatar has one. The branches are the layout's (``LatentLayout.branches``: the expression, each
 attribute, then each attribute's residual branches); an anchored one (added after training)
-outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The decoder is stored as weights rather than precomputed tables: a branch's
-output depends non-linearly on its code, so a table would only be exact at the edit codes.
+outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The header's
+``decoder.attribute_composition`` says how the attributes' opacity and colour changes combine ("sum"
+or "union", with ``color_dominance``; see ``perse_ray.avatar.model``). The decoder is stored as
+weights rather than precomputed tables: a branch's output depends non-linearly on its code, so a
+table would only be exact at the edit codes.
 
 ``decode_bundle`` validates everything a reader relies on (magic, version, header length, JSON,
 section table, dtype, shapes against the header's counts, exact total length, finite values, the
@@ -36,7 +39,7 @@ import numpy as np
 
 MAGIC = b"PRWB"
 BUNDLE_FORMAT = "perse-ray-web-bundle"
-BUNDLE_VERSION = 3  # 2: branch_regions; 3: anchored and residual branches (the layout says which)
+BUNDLE_VERSION = 4  # 2: branch_regions; 3: anchored and residual branches; 4: attribute_composition
 MAX_BUNDLE_BYTES = 64 * 1024 * 1024  # a 50k-Gaussian gpu-preset avatar is ~10 MB
 MAX_HEADER_BYTES = 1024 * 1024
 _PREFIX = struct.Struct("<4sII")
@@ -113,6 +116,7 @@ def encode_bundle(model, camera: dict[str, Any], *, avatar_id: str | None = None
                     "position_scale": POSITION_SCALE, "hidden_dim": int(cfg.hidden_dim),
                     "hidden_layers": int(cfg.hidden_layers), "branch_dims": list(dec.branch_dims),
                     "branches": [b.input for b in layout.branches()],
+                    "attribute_composition": cfg.attribute_composition, "color_dominance": float(cfg.color_dominance),
                     "outputs": [[k, int(DELTA_CHANNELS[k]), float(DELTA_UNITS[k])] for k in DELTA_CHANNELS]},
         "sections": table,
     }
@@ -171,10 +175,13 @@ def _check_header(h: Any) -> None:
             raise BundleError(f"header: decoder outputs {d['outputs']} are not mean/quat/scale/opacity/color")
         if d["activation"] != "silu":
             raise BundleError(f"header: unknown activation {d['activation']!r}")
+        if d["attribute_composition"] not in ("sum", "union"):
+            raise BundleError(f"header: unknown attribute_composition {d['attribute_composition']!r}")
         want_dims = layout.branch_dims()
         if list(d["branch_dims"]) != want_dims or list(d["branches"]) != [b.input for b in layout.branches()]:
             raise BundleError(f"header: branch_dims {d['branch_dims']} do not match the layout ({want_dims})")
-        for v in (cam["fov_deg"], cam["distance"], d["position_scale"], *(u for _, _, u in d["outputs"])):
+        for v in (cam["fov_deg"], cam["distance"], d["position_scale"], d["color_dominance"],
+                  *(u for _, _, u in d["outputs"])):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise BundleError("header: camera and decoder constants must be finite numbers")
     except (KeyError, TypeError, ValueError) as e:
@@ -287,6 +294,21 @@ def branch_inputs(bundle: WebBundle, z: np.ndarray) -> list[tuple[np.ndarray, bo
             for b in layout.branches()]
 
 
+def _union_opacity(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> np.ndarray:
+    """``perse_ray.avatar.model.union_opacity`` in NumPy."""
+    log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
+    keep = sum(log_sigmoid(logits + np.minimum(d, 0)) - log_sigmoid(logits) for d in attribute_deltas)
+    clear = sum(log_sigmoid(-logits - np.maximum(d, 0)) - log_sigmoid(-logits) for d in attribute_deltas)
+    return (1 - (1 - np.exp(log_sigmoid(logits)) * np.exp(keep)) * np.exp(clear)).astype(np.float32)
+
+
+def _dominant_change(changes: list[np.ndarray], dominance: float) -> np.ndarray:
+    """``perse_ray.avatar.model.dominant_change`` in NumPy."""
+    sizes = [np.sqrt(np.square(c).sum(-1, keepdims=True) + np.float32(1e-12)) for c in changes]
+    largest = np.max(sizes, axis=0)
+    return sum(np.exp(np.float32(dominance) * (size - largest)) * c for size, c in zip(sizes, changes))
+
+
 def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
     """Activated Gaussians of latent z [dim]: means, quats, scales, opacities, colors ([N, ...])."""
     h, a = bundle.header["decoder"], bundle.arrays
@@ -298,8 +320,9 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
             x = _silu(x @ a[f"w_hidden.{i}"][b] + a[f"b_hidden.{i}"][b])
         return x @ a["w_out"][b] + a["b_out"][b]
 
-    total = None
-    for b, (zb, anchored) in enumerate(branch_inputs(bundle, np.asarray(z, np.float32))):
+    # one sum per part of z (the expression, each attribute with its residual branches)
+    parts: dict[str, np.ndarray] = {}
+    for b, ((zb, anchored), part) in enumerate(zip(branch_inputs(bundle, np.asarray(z, np.float32)), h["branches"])):
         if not anchored:
             out = branch(b, zb)
         elif (zb == 0).all():
@@ -307,12 +330,23 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
         else:
             out = branch(b, zb) - branch(b, np.zeros_like(zb))
         out = out * a["branch_regions"][b][:, None]
-        total = out if total is None else total + out
+        parts[part] = out if part not in parts else parts[part] + out
+    total = sum(parts.values())
     d, at = {}, 0
     for name, c, unit in h["outputs"]:
         d[name] = (np.float32(unit) * total[:, at:at + c]).astype(np.float32)
         at += c
+    units = {name: np.float32(unit) for name, _, unit in h["outputs"]}
+    color_logits = a["color_logits"] + d["color"]
+    if h["attribute_composition"] == "union":
+        expression = parts.pop("expression")
+        logits = a["opacity_logits"] + units["opacity"] * expression[:, 10]
+        opacities = _union_opacity(logits, [units["opacity"] * p[:, 10] for p in parts.values()])
+        color_logits = a["color_logits"] + units["color"] * expression[:, 11:14] + _dominant_change(
+            [units["color"] * p[:, 11:14] for p in parts.values()], h["color_dominance"])
+    else:
+        opacities = 1 / (1 + np.exp(-(a["opacity_logits"] + d["opacity"][:, 0])))
     return {"means": a["means"] + d["mean"], "quats": a["quats"] + d["quat"],
             "scales": np.exp(a["log_scales"] + d["scale"]),
-            "opacities": 1 / (1 + np.exp(-(a["opacity_logits"] + d["opacity"][:, 0]))),
-            "colors": 1 / (1 + np.exp(-(a["color_logits"] + d["color"])))}
+            "opacities": opacities,
+            "colors": 1 / (1 + np.exp(-color_logits))}

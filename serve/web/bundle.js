@@ -2,7 +2,7 @@
 // Pure ES module with no DOM use, so Node runs the same code in the tests.
 
 export const MAGIC = "PRWB";
-export const BUNDLE_VERSION = 3; // 2: branch_regions; 3: anchored and residual branches
+export const BUNDLE_VERSION = 4; // 2: branch_regions; 3: anchored and residual branches; 4: attribute_composition
 export const MAX_BUNDLE_BYTES = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES = 1024 * 1024;
 const MAX_RESIDUALS = 64; // as perse_ray/avatar/layout.py
@@ -48,6 +48,9 @@ function checkHeader(h) {
   const ints = [h.num_gaussians, d.feature_dim, d.pos_freqs, d.hidden_dim, d.hidden_layers, ...(d.branch_dims || [])];
   if (!ints.every((v) => Number.isInteger(v) && v >= 0) || h.num_gaussians < 1 || d.hidden_layers < 1) fail("counts must be positive integers");
   if (d.activation !== "silu") fail(`unknown activation ${d.activation}`);
+  if (d.attribute_composition !== "sum" && d.attribute_composition !== "union") {
+    fail(`unknown attribute_composition ${d.attribute_composition}`);
+  }
   for (const a of lay.attributes) {
     const r = a.residuals ?? 0;
     if (!Number.isInteger(r) || r < 0 || r > MAX_RESIDUALS) fail(`attribute ${a.name}: residuals ${r} not in 0..${MAX_RESIDUALS}`);
@@ -57,7 +60,7 @@ function checkHeader(h) {
     : lay.attributes.find((a) => a.name === b.input).code_dim));
   if (JSON.stringify(dims) !== JSON.stringify(d.branch_dims)) fail(`branch_dims ${d.branch_dims} do not match the layout`);
   if (!Array.isArray(d.outputs) || JSON.stringify(d.outputs.map((o) => [o[0], o[1]])) !== JSON.stringify(OUTPUTS)) fail("unexpected decoder outputs");
-  for (const v of [cam.fov_deg, cam.distance, d.position_scale, ...d.outputs.map((o) => o[2])]) {
+  for (const v of [cam.fov_deg, cam.distance, d.position_scale, d.color_dominance, ...d.outputs.map((o) => o[2])]) {
     if (typeof v !== "number" || !Number.isFinite(v)) fail("camera and decoder constants must be finite numbers");
   }
 }
@@ -268,23 +271,71 @@ export class Decoder {
     return ran;
   }
 
-  /** Sum the cached branch outputs and activate: {means, quats, scales, opacities, colors} (typed arrays). */
+  /**
+   * Sum the cached branch outputs and activate: {means, quats, scales, opacities, colors} (typed
+   * arrays). With the "union" opacity composition each attribute's opacity change (its branches
+   * summed) composes as perse_ray/avatar/model.py union_opacity does.
+   */
   compose() {
     const a = this.bundle.arrays, n = this.n, OUT = 14, u = this.units, g = this.gaussians;
     const outs = this.outputs;
     if (outs.some((o) => !o)) throw new Error("compose() before every branch was decoded");
-    const d = new Float64Array(OUT);
+    const union = this.bundle.header.decoder.attribute_composition === "union";
+    const inputs = layoutBranches(this.bundle.header.layout).map((b) => b.input);
+    const parts = [...new Set(inputs)].slice(1); // the attributes, in layout order
+    const partOf = inputs.map((name) => parts.indexOf(name)); // -1: the expression
+    const d = new Float64Array(OUT), op = new Float64Array(parts.length), col = new Float64Array(parts.length * 3);
+    const size = new Float64Array(parts.length), dominance = this.bundle.header.decoder.color_dominance;
+    const logSigmoid = (x) => (x >= 0 ? -Math.log1p(Math.exp(-x)) : x - Math.log1p(Math.exp(x)));
     for (let i = 0; i < n; i++) {
       d.fill(0);
+      op.fill(0);
+      col.fill(0);
+      let expOpacity = 0;
+      const expColor = [0, 0, 0];
       for (let b = 0; b < outs.length; b++) {
         const o = outs[b], off = i * OUT;
         for (let k = 0; k < OUT; k++) d[k] += o[off + k];
+        const p = partOf[b];
+        if (p < 0) {
+          expOpacity += o[off + 10];
+          for (let c = 0; c < 3; c++) expColor[c] += o[off + 11 + c];
+        } else {
+          op[p] += o[off + 10];
+          for (let c = 0; c < 3; c++) col[p * 3 + c] += o[off + 11 + c];
+        }
       }
       for (let c = 0; c < 3; c++) g.means[i * 3 + c] = a.means[i * 3 + c] + u.mean * d[c];
       for (let c = 0; c < 4; c++) g.quats[i * 4 + c] = a.quats[i * 4 + c] + u.quat * d[3 + c];
       for (let c = 0; c < 3; c++) g.scales[i * 3 + c] = Math.exp(a.log_scales[i * 3 + c] + u.scale * d[7 + c]);
-      g.opacities[i] = 1 / (1 + Math.exp(-(a.opacity_logits[i] + u.opacity * d[10])));
-      for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
+      if (union) {
+        const l = a.opacity_logits[i] + u.opacity * expOpacity;
+        let keep = 0, clear = 0;
+        for (let p = 0; p < parts.length; p++) {
+          const delta = u.opacity * op[p];
+          keep += logSigmoid(l + Math.min(delta, 0)) - logSigmoid(l);
+          clear += logSigmoid(-l - Math.max(delta, 0)) - logSigmoid(-l);
+        }
+        g.opacities[i] = 1 - (1 - Math.exp(logSigmoid(l) + keep)) * Math.exp(clear);
+        // colours: where several attributes recolour a Gaussian, the largest change wins (dominant_change)
+        let largest = -Infinity;
+        for (let p = 0; p < parts.length; p++) {
+          let sq = 0;
+          for (let c = 0; c < 3; c++) sq += (u.color * col[p * 3 + c]) ** 2;
+          size[p] = Math.sqrt(sq + 1e-12);
+          largest = Math.max(largest, size[p]);
+        }
+        for (let c = 0; c < 3; c++) {
+          let change = u.color * expColor[c];
+          for (let p = 0; p < parts.length; p++) {
+            change += Math.exp(dominance * (size[p] - largest)) * u.color * col[p * 3 + c];
+          }
+          g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + change)));
+        }
+      } else {
+        g.opacities[i] = 1 / (1 + Math.exp(-(a.opacity_logits[i] + u.opacity * d[10])));
+        for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
+      }
     }
     return g;
   }
