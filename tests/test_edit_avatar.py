@@ -195,15 +195,17 @@ def test_a_killed_edit_leaves_nothing_and_the_next_one_runs(build):
         [p for p in (root / sid).iterdir() if p.name.startswith("v")])
 
 
-def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts():
+@pytest.mark.parametrize("composition", ["sum", "union"])
+def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts(composition):
     """Level, attribute, then another level of the same attribute: branches are matched by what they
-    see, not by position, and each grown part is exactly zero at its source code."""
+    see, not by position, and each grown part is exactly zero at its source code, whichever way the
+    attributes' opacities compose."""
     from perse_ray.avatar.extend import grow_attribute, grow_level
     from perse_ray.avatar.io import Avatar
     from perse_ray.avatar.layout import LatentLayout
     from perse_ray.avatar.model import AvatarModel
 
-    cfg = load_config("cpu-smoke", ["avatar.num_gaussians=200"])
+    cfg = load_config("cpu-smoke", ["avatar.num_gaussians=200", f"avatar.attribute_composition={composition}"])
     model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=3)
     g = torch.Generator().manual_seed(4)
 
@@ -342,3 +344,30 @@ def test_fit_progress_goes_to_stderr_and_leaves_stdout_to_the_caller(capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert "step 2/2" in captured.err
+
+
+def test_the_fit_of_an_edit_after_training_keeps_the_training_attribute_prior():
+    """An avatar trained with train.lambda_attr_delta fits its new level under the same prior: a strong
+    prior leaves the new branch a smaller output than none."""
+    import copy
+
+    from perse_ray.bench.ground_truth import frames_from_head
+    from perse_ray.bench.procedural import ProceduralHead
+    from perse_ray.config import EditSpec
+    from perse_ray.train.extend import Extension, extend_avatar
+    from perse_ray.train.loop import train_avatar
+
+    cfg = load_config("cpu-smoke", ["synth.resolution=32", "render.width=16", "render.height=16",
+                                    "synth.motion.num_frames=4", "avatar.num_gaussians=200", "train.steps=4"])
+    head = ProceduralHead(seed=0)
+    base = train_avatar(frames_from_head(head, cfg), cfg, progress=False).avatar
+    outputs = {}
+    for weight in (0.0, 1.0):
+        avatar = copy.deepcopy(base)
+        avatar.meta["config"]["train"]["lambda_attr_delta"] = weight
+        grown = extend_avatar(avatar, {}, Extension("level", "hair", (EditSpec("teal"),), {"head_key": 3}),
+                              steps=40, progress=False, frames_fn=lambda c, _s: frames_from_head(head, c))
+        with torch.no_grad():
+            g = grown.model.gaussians(grown.latent({"hair": 2.0}, {})[None], attribute_l1=True)
+        outputs[weight] = float(g["attribute_l1"])
+    assert outputs[1.0] < 0.8 * outputs[0.0], outputs

@@ -34,8 +34,8 @@ from perse_ray.avatar.extend import Trainable, grow_attribute, grow_level
 from perse_ray.avatar.io import Avatar
 from perse_ray.avatar.model import AvatarModel
 from perse_ray.config import AttributeSpec, Config, EditSpec, from_dict
-from perse_ray.train.loop import (FrameSet, branch_region_mask, edit_regions, evaluate, frameset_from_rows,
-                                  photometric_loss, render_frames, resolve_device, split_holdout)
+from perse_ray.train.loop import (FrameSet, attribute_prior, branch_region_mask, edit_regions, evaluate,
+                                  frameset_from_rows, photometric_loss, render_frames, resolve_device, split_holdout)
 
 
 LR_SCALE = 10.0  # measured on the procedural head: x1 left a new level 10 dB short after 300 steps
@@ -152,9 +152,10 @@ def fit(model: AvatarModel, trainable: Trainable, frames: FrameSet, config: Conf
         latent_groups = model.latent_groups(frames.expression[index].cpu(), frames.selections[index].cpu())
         index = index.to(device)
         batch = (coarse if step <= coarse_steps else frames).subset(index)
-        rgb, _ = render_frames(model, batch, machine.render_backend, latent_groups)
+        rgb, g = render_frames(model, batch, machine.render_backend, latent_groups, tcfg.lambda_attr_delta > 0)
         per_frame = photometric_loss(rgb, batch.images, batch.weights, tcfg.lambda_ssim)
-        loss = (per_frame * morph_weight[index]).mean()
+        # the training prior too: frozen branches add a constant, so only the new branch feels it
+        loss = (per_frame * morph_weight[index]).mean() + attribute_prior(g, tcfg)
         if tcfg.lambda_latent:
             loss = loss + tcfg.lambda_latent * sum((c**2).sum() for c in codes)
         optimizer.zero_grad(set_to_none=True)
