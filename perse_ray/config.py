@@ -134,8 +134,9 @@ class AvatarConfig:
     background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # behind the Gaussians without a backdrop
     # How the attribute branches' changes combine when several sliders move: "sum" adds their
     # logits; "union" composes opacity as a union (what one edit turns on, glasses, survives another
-    # that fades the same Gaussians, hair over the brows) and lets the largest colour change win
-    # (dark lenses stay dark over a lightened brow): model.union_opacity, model.dominant_change.
+    # that fades the same Gaussians, hair over the brows) and, with color_dominance > 0, lets the
+    # largest colour change win (dark lenses over a lightened brow): model.union_opacity,
+    # model.dominant_change.
     attribute_composition: Literal["sum", "union"] = "sum"
     color_dominance: float = 0.0  # union only: per logit, how much the largest colour change wins (0: they add)
 
