@@ -280,22 +280,23 @@ export class Decoder {
     const a = this.bundle.arrays, n = this.n, OUT = 14, u = this.units, g = this.gaussians;
     const outs = this.outputs;
     if (outs.some((o) => !o)) throw new Error("compose() before every branch was decoded");
-    const union = this.bundle.header.decoder.attribute_composition === "union";
+    const dec = this.bundle.header.decoder;
+    const union = dec.attribute_composition === "union", dominance = union ? dec.color_dominance : 0;
     const inputs = layoutBranches(this.bundle.header.layout).map((b) => b.input);
     const parts = [...new Set(inputs)].slice(1); // the attributes, in layout order
     const partOf = inputs.map((name) => parts.indexOf(name)); // -1: the expression
-    const d = new Float64Array(OUT), op = new Float64Array(parts.length), col = new Float64Array(parts.length * 3);
-    const size = new Float64Array(parts.length), dominance = this.bundle.header.decoder.color_dominance;
+    const P = parts.length, d = new Float64Array(OUT), op = new Float64Array(P), col = new Float64Array(P * 3);
+    const expColor = new Float64Array(3), weight = new Float64Array(P);
     const logSigmoid = (x) => (x >= 0 ? -Math.log1p(Math.exp(-x)) : x - Math.log1p(Math.exp(x)));
     for (let i = 0; i < n; i++) {
+      const off = i * OUT;
       d.fill(0);
-      op.fill(0);
-      col.fill(0);
+      if (union) { op.fill(0); col.fill(0); expColor.fill(0); }
       let expOpacity = 0;
-      const expColor = [0, 0, 0];
       for (let b = 0; b < outs.length; b++) {
-        const o = outs[b], off = i * OUT;
+        const o = outs[b];
         for (let k = 0; k < OUT; k++) d[k] += o[off + k];
+        if (!union) continue;
         const p = partOf[b];
         if (p < 0) {
           expOpacity += o[off + 10];
@@ -308,33 +309,37 @@ export class Decoder {
       for (let c = 0; c < 3; c++) g.means[i * 3 + c] = a.means[i * 3 + c] + u.mean * d[c];
       for (let c = 0; c < 4; c++) g.quats[i * 4 + c] = a.quats[i * 4 + c] + u.quat * d[3 + c];
       for (let c = 0; c < 3; c++) g.scales[i * 3 + c] = Math.exp(a.log_scales[i * 3 + c] + u.scale * d[7 + c]);
-      if (union) {
-        const l = a.opacity_logits[i] + u.opacity * expOpacity;
-        let keep = 0, clear = 0;
-        for (let p = 0; p < parts.length; p++) {
-          const delta = u.opacity * op[p];
-          keep += logSigmoid(l + Math.min(delta, 0)) - logSigmoid(l);
-          clear += logSigmoid(-l - Math.max(delta, 0)) - logSigmoid(-l);
-        }
-        g.opacities[i] = 1 - (1 - Math.exp(logSigmoid(l) + keep)) * Math.exp(clear);
-        // colours: where several attributes recolour a Gaussian, the largest change wins (dominant_change)
-        let largest = -Infinity;
-        for (let p = 0; p < parts.length; p++) {
-          let sq = 0;
-          for (let c = 0; c < 3; c++) sq += (u.color * col[p * 3 + c]) ** 2;
-          size[p] = Math.sqrt(sq + 1e-12);
-          largest = Math.max(largest, size[p]);
-        }
-        for (let c = 0; c < 3; c++) {
-          let change = u.color * expColor[c];
-          for (let p = 0; p < parts.length; p++) {
-            change += Math.exp(dominance * (size[p] - largest)) * u.color * col[p * 3 + c];
-          }
-          g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + change)));
-        }
-      } else {
+      if (!union) {
         g.opacities[i] = 1 / (1 + Math.exp(-(a.opacity_logits[i] + u.opacity * d[10])));
         for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
+        continue;
+      }
+      // union_opacity: a lowering change only keeps, a raising one only covers (a zero one adds nothing)
+      const l = a.opacity_logits[i] + u.opacity * expOpacity, lsl = logSigmoid(l), lsnl = logSigmoid(-l);
+      let keep = 0, clear = 0;
+      for (let p = 0; p < P; p++) {
+        const delta = u.opacity * op[p];
+        if (delta < 0) keep += logSigmoid(l + delta) - lsl;
+        else if (delta > 0) clear += logSigmoid(-l - delta) - lsnl;
+      }
+      g.opacities[i] = 1 - (1 - Math.exp(lsl + keep)) * Math.exp(clear);
+      // dominant_change: each attribute's colour change weighted by how far it falls short of the largest
+      if (dominance === 0) {
+        for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
+        continue;
+      }
+      let largest = -Infinity;
+      for (let p = 0; p < P; p++) {
+        let sq = 0;
+        for (let c = 0; c < 3; c++) sq += (u.color * col[p * 3 + c]) ** 2;
+        weight[p] = Math.sqrt(sq + 1e-12);
+        largest = Math.max(largest, weight[p]);
+      }
+      for (let p = 0; p < P; p++) weight[p] = Math.exp(dominance * (weight[p] - largest));
+      for (let c = 0; c < 3; c++) {
+        let change = u.color * expColor[c];
+        for (let p = 0; p < P; p++) change += weight[p] * u.color * col[p * 3 + c];
+        g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + change)));
       }
     }
     return g;
