@@ -295,9 +295,7 @@ class AvatarModel(nn.Module):
         deltas, l1 = out if attribute_l1 else (out, None)
         per_part = deltas if union else None
         if union:
-            deltas = per_part[0]
-            for part in per_part[1:]:  # in branch order, as the sum composition adds them
-                deltas = deltas + part
+            deltas = sum(per_part.unbind(0))  # every part's deltas; opacity and colour compose below
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         if union:
             opacity = DELTA_UNITS["opacity"] * per_part[..., 10]  # [1 + A, B, N]; channel 10 is the opacity

@@ -143,6 +143,7 @@ export function branchSlices(bundle) {
 }
 
 const silu = (x) => x / (1 + Math.exp(-x));
+const logSigmoid = (x) => (x >= 0 ? -Math.log1p(Math.exp(-x)) : x - Math.log1p(Math.exp(x)));
 
 /**
  * The decoder: a sum of per-branch MLPs over the fixed canonical Gaussians. Each branch's output
@@ -190,6 +191,10 @@ export class Decoder {
     // An anchored branch (a part added after training) outputs f(z) - f(0), and exactly zero
     // at z = 0; its f(0) is computed once, on first use.
     this.anchored = layoutBranches(h.layout).map((b) => b.anchored);
+    // compose's parts: each branch's attribute (-1: the expression), its residual branches with it
+    const inputs = layoutBranches(h.layout).map((b) => b.input);
+    this.parts = [...new Set(inputs)].slice(1);
+    this.partOf = inputs.map((name) => this.parts.indexOf(name));
     this.anchors = new Array(this.nb).fill(null);
     this.outputs = new Array(this.nb).fill(null);
     this.keys = new Array(this.nb).fill(null);
@@ -282,12 +287,9 @@ export class Decoder {
     if (outs.some((o) => !o)) throw new Error("compose() before every branch was decoded");
     const dec = this.bundle.header.decoder;
     const union = dec.attribute_composition === "union", dominance = union ? dec.color_dominance : 0;
-    const inputs = layoutBranches(this.bundle.header.layout).map((b) => b.input);
-    const parts = [...new Set(inputs)].slice(1); // the attributes, in layout order
-    const partOf = inputs.map((name) => parts.indexOf(name)); // -1: the expression
-    const P = parts.length, d = new Float64Array(OUT), op = new Float64Array(P), col = new Float64Array(P * 3);
+    const partOf = this.partOf, P = this.parts.length;
+    const d = new Float64Array(OUT), op = new Float64Array(P), col = new Float64Array(P * 3);
     const expColor = new Float64Array(3), weight = new Float64Array(P);
-    const logSigmoid = (x) => (x >= 0 ? -Math.log1p(Math.exp(-x)) : x - Math.log1p(Math.exp(x)));
     for (let i = 0; i < n; i++) {
       const off = i * OUT;
       d.fill(0);
