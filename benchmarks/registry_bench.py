@@ -39,15 +39,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from perse_ray.avatar import Avatar, AvatarModel, LatentLayout  # noqa: E402
+from perse_ray.avatar import Avatar, AvatarModel  # noqa: E402
 from perse_ray.avatar.io import META_FILE, MODEL_FILE  # noqa: E402
 from perse_ray.config import load_config  # noqa: E402
 from perse_ray.registry import INDEX, Registry, RegistryIndex  # noqa: E402
+from perse_ray.train.loop import training_layout  # noqa: E402
 
 
 def small_avatar(seed: int = 0) -> Avatar:
     cfg = load_config("cpu-smoke")
-    model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=seed)
+    model = AvatarModel(training_layout(cfg), cfg.avatar, seed=seed)
     return Avatar(model, {"camera": {"fov_deg": cfg.render.fov_deg, "distance": cfg.render.distance},
                           "config_hash": cfg.training_hash(), "preset": cfg.preset,
                           "metrics": {"heldout_psnr": 30.0, "steps": 30.0}})

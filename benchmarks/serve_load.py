@@ -44,9 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from perse_ray.avatar import Avatar, AvatarModel, LatentLayout  # noqa: E402
+from perse_ray.avatar import Avatar, AvatarModel  # noqa: E402
 from perse_ray.config import load_config  # noqa: E402
 from perse_ray.registry import Registry  # noqa: E402
+from perse_ray.train.loop import training_layout  # noqa: E402
 
 SUBJECTS = ("load-a", "load-b", "load-c")
 APPS = ("batched", "unbatched")
@@ -75,7 +76,7 @@ def make_registry(root: Path, gaussians: int) -> Registry:
     registry = Registry(root)
     for seed, subject in enumerate(SUBJECTS):
         torch.manual_seed(seed)
-        model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=seed)
+        model = AvatarModel(training_layout(cfg), cfg.avatar, seed=seed)
         with torch.no_grad():
             model.color_logits.normal_(0, 2)
             model.decoder.w_out.normal_(0, 0.05)

@@ -28,14 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from perse_ray.avatar.layout import LatentLayout  # noqa: E402
 from perse_ray.avatar.model import AvatarModel  # noqa: E402
 from perse_ray.bench.ground_truth import frames_from_head  # noqa: E402
 from perse_ray.bench.procedural import ProceduralHead  # noqa: E402
 from perse_ray.config import load_config  # noqa: E402
 from perse_ray.render import rasterize  # noqa: E402
 from perse_ray.train.loop import (_param_groups, attribute_prior, frameset_from_rows,  # noqa: E402
-                                  photometric_loss, render_frames)
+                                  photometric_loss, render_frames, training_layout)
 
 
 def _timed(fn, repeats: int) -> float:
@@ -52,7 +51,7 @@ def _timed(fn, repeats: int) -> float:
 def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
     """Milliseconds per part for one batch of ``train.batch_size`` frames (``config_note`` gets the
     share of Gaussians each attribute branch runs on, with branch regions)."""
-    layout = LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim)
+    layout = training_layout(cfg)
     frames = frameset_from_rows(rows, layout, cfg.render.width, cfg.render.height)
     gen = torch.Generator().manual_seed(0)
     batch = frames.subset(torch.randint(len(frames), (cfg.train.batch_size,), generator=gen))

@@ -34,9 +34,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from perse_ray.avatar import Avatar, AvatarModel, LatentLayout  # noqa: E402
+from perse_ray.avatar import Avatar, AvatarModel  # noqa: E402
 from perse_ray.config import load_config  # noqa: E402
 from perse_ray.registry import Registry  # noqa: E402
+from perse_ray.train.loop import training_layout  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 BROWSER_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader", "--disable-quic",
@@ -48,7 +49,7 @@ def random_avatar(preset: str, gaussians: int | None = None, seed: int = 0) -> A
     """An avatar at ``preset``'s sizes (``gaussians`` overrides the count) with random decoder
     weights and codes (every branch moves it)."""
     cfg = load_config(preset, [f"avatar.num_gaussians={gaussians}"] if gaussians else [])
-    model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=seed)
+    model = AvatarModel(training_layout(cfg), cfg.avatar, seed=seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         model.decoder.w_out.copy_(0.1 * torch.randn(model.decoder.w_out.shape, generator=g))

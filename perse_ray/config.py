@@ -136,8 +136,11 @@ class AvatarConfig:
     # logits; "union" composes opacity as a union (what one edit turns on, glasses, survives another
     # that fades the same Gaussians, hair over the brows) and, with color_dominance > 0, lets the
     # largest colour change win (dark lenses over a lightened brow): model.union_opacity,
-    # model.dominant_change.
-    attribute_composition: Literal["sum", "union"] = "sum"
+    # model.dominant_change. "owned" is the union, and each attribute moves and recolours only the
+    # material it owns, the source's and what it adds itself (lenses keep their place and colour where
+    # the hair or beard edit changes the face behind them: model.owned_weights); its attribute branches
+    # are anchored, so every attribute's change is exactly zero at its source level.
+    attribute_composition: Literal["sum", "union", "owned"] = "sum"
     color_dominance: float = 0.0  # union only: per logit, how much the largest colour change wins (0: they add)
 
 

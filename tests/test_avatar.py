@@ -11,7 +11,7 @@ import torch
 
 from perse_ray.avatar import AvatarFormatError, AvatarModel, LatentLayout, export_ply, load_avatar, save_avatar
 from perse_ray.avatar.losses import psnr, ssim
-from perse_ray.avatar.model import BranchDecoder, dominant_change, union_opacity
+from perse_ray.avatar.model import BranchDecoder, dominant_change, owned_weights, union_opacity
 from perse_ray.avatar.relocate import relocate_dead, split_opacity_and_scale
 from perse_ray.bench.ground_truth import Scorer, frames_from_head, score_views
 from perse_ray.bench.procedural import ProceduralHead
@@ -116,6 +116,59 @@ def test_dominant_colour_change_is_exact_alone_and_lets_the_larger_of_two_win():
     assert torch.allclose(dominant_change(torch.stack([lighter, lens]), 0.0), lighter + lens)
 
 
+def test_owned_colour_shares_are_exact_alone_and_keep_added_lenses_from_another_edits_paint():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 50, generator=gen)
+    alone = torch.zeros(3, 2, 50)
+    alone[1] = 3 * torch.randn(2, 50, generator=gen)
+    assert torch.equal(owned_weights(logits, alone)[1], torch.ones(2, 50))  # alone: the whole change, exactly
+    # glasses add a lens (0.1 -> 0.9 opacity) in front of a faint Gaussian the hair edit also recolours;
+    # an opaque skin Gaussian (0.99) both recolour in full
+    opacity = torch.tensor([[0.1, 0.99]])
+    base = torch.logit(opacity)
+    glasses = torch.logit(torch.tensor(0.9)) - base
+    hair = torch.zeros(1, 2)
+    w = owned_weights(base, torch.stack([hair, glasses]))
+    lens_add = 1 - (1 - 0.9) / (1 - 0.1)
+    assert float(w[0, 0, 0]) == pytest.approx(0.1 / (0.1 + lens_add), rel=1e-5)  # hair: the source's share only
+    assert float(w[1, 0, 0]) == 1.0
+    assert torch.allclose(w[:, 0, 1], torch.ones(2), atol=1e-2)
+    # a Gaussian with no material at all keeps share 1 (no 0/0), and the shares have finite gradients
+    empty = torch.tensor([[-200.0]], requires_grad=True)
+    deltas = torch.zeros(2, 1, 1, requires_grad=True)
+    w = owned_weights(empty, deltas)
+    assert torch.equal(w.detach(), torch.ones(2, 1, 1))
+    w.sum().backward()
+    assert torch.isfinite(deltas.grad).all() and torch.isfinite(empty.grad).all()
+
+
+def test_owned_composition_anchors_the_attributes_and_keeps_an_added_lens_dark():
+    cfg = load_config("cpu-smoke", [*SHRUNK, "avatar.attribute_composition=owned"])
+    layout = LatentLayout.from_config(cfg.synth, 4, anchored=True)
+    model = AvatarModel(layout, cfg.avatar)
+    torch.nn.init.normal_(model.decoder.w_out, generator=torch.Generator().manual_seed(1))
+    torch.nn.init.normal_(model.decoder.b_out, generator=torch.Generator().manual_seed(2))
+    for code in model.codes.values():
+        torch.nn.init.normal_(code, generator=torch.Generator().manual_seed(3))
+    names = [a.name for a in layout.attributes]
+    z = lambda **levels: model.compose(torch.zeros(1, 3), model.slider_selection(levels)[None])  # noqa: E731
+    with torch.no_grad():
+        source = model.gaussians(z())
+        # anchored: at the source every attribute part is exactly zero, so the source is the canonical
+        # Gaussians with the expression branch alone
+        model.decoder.w_out[1:] += 5.0
+        assert all(torch.equal(source[k], model.gaussians(z())[k]) for k in source)
+        single = model.gaussians(z(**{names[0]: 1}))
+        both = model.gaussians(z(**{names[0]: 1, names[1]: 1}))
+        union = load_config("cpu-smoke", [*SHRUNK, "avatar.attribute_composition=union"]).avatar
+        model.cfg = union
+        single_u, both_u = model.gaussians(z(**{names[0]: 1})), model.gaussians(z(**{names[0]: 1, names[1]: 1}))
+    # one attribute alone: owned is the union exactly; two: the opacities agree, the colours differ
+    assert torch.equal(single["colors"], single_u["colors"]) and torch.equal(single["opacities"], single_u["opacities"])
+    assert torch.equal(both["opacities"], both_u["opacities"])
+    assert not torch.allclose(both["colors"], both_u["colors"], atol=1e-3)
+
+
 def test_union_composition_matches_the_sum_for_one_attribute_and_differs_for_several():
     layout = LatentLayout.from_config(load_config("cpu-smoke", SHRUNK).synth, 4)
     models = {mode: AvatarModel(layout, load_config("cpu-smoke", [*SHRUNK, f"avatar.attribute_composition={mode}",
@@ -189,9 +242,9 @@ def test_ssim_matches_scikit_image_and_psnr():
     assert float(psnr(a, a * 0 + a + 0.1)) == pytest.approx(20.0, abs=1e-3)
 
 
-def _train(rows, steps, ckpt=None, resume=True, device="auto", **kw):
+def _train(rows, steps, ckpt=None, resume=True, device="auto", overrides=(), **kw):
     cfg = load_config("cpu-smoke", SHRUNK + [f"train.steps={steps}", "machine.checkpoint_every=10",
-                                             f"machine.device={device}"])
+                                             f"machine.device={device}", *overrides])
     return cfg, train_avatar(rows, cfg, checkpoint_dir=ckpt, resume=resume, progress=False, **kw)
 
 
@@ -248,6 +301,22 @@ def test_save_load_renders_identically_and_ply_round_trips(tmp_path, shrunk_rows
     assert np.allclose(1 / (1 + np.exp(-v["opacity"])), g["opacities"][0].detach().numpy(), atol=1e-5)
     q = np.stack([v[f"rot_{i}"] for i in range(4)], 1)
     assert np.allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+
+
+def test_an_owned_composition_avatar_trains_with_anchored_attributes_and_round_trips(tmp_path, shrunk_rows):
+    _, result = _train(shrunk_rows, 10, overrides=["avatar.attribute_composition=owned"])
+    model = result.avatar.model
+    assert all(a.anchored for a in model.layout.attributes)
+    loaded = load_avatar(save_avatar(result.avatar, tmp_path / "av"))
+    assert loaded.model.cfg.attribute_composition == "owned" and loaded.model.layout == model.layout
+    source, edited = result.avatar.latent({}, {}), result.avatar.latent({"hair": 1.0, "glasses": 1.0}, {})
+    for z in (source, edited):
+        assert torch.equal(result.avatar.render(z, [(10.0, -5.0)], 24, 24), loaded.render(z, [(10.0, -5.0)], 24, 24))
+    # at the source the attribute branches add exactly nothing, whatever their weights
+    before = model.gaussians(source[None])
+    with torch.no_grad():
+        model.decoder.b_out[1:] += 1.0
+    assert all(torch.equal(before[k], model.gaussians(source[None])[k]) for k in before)
 
 
 def test_corrupt_or_mismatched_avatar_files_fail_clearly(tmp_path, shrunk_rows):

@@ -94,7 +94,8 @@ def _with_source_slider(model: AvatarModel, cases: list) -> list:
 
 # (hidden layers, expressions, anchored branches, attribute composition, colour dominance)
 DECODE_CASES = [(1, True, False, "sum", 0.0), (2, False, False, "sum", 0.0), (1, True, True, "sum", 0.0),
-                (1, True, True, "union", 0.0), (2, False, False, "union", 2.0)]
+                (1, True, True, "union", 0.0), (2, False, False, "union", 2.0), (1, True, True, "owned", 0.0),
+                (2, False, False, "owned", 2.0)]
 
 
 @pytest.mark.parametrize("hidden_layers,expressions,anchored,composition,dominance", DECODE_CASES)

@@ -195,7 +195,7 @@ def test_a_killed_edit_leaves_nothing_and_the_next_one_runs(build):
         [p for p in (root / sid).iterdir() if p.name.startswith("v")])
 
 
-@pytest.mark.parametrize("composition", ["sum", "union"])
+@pytest.mark.parametrize("composition", ["sum", "union", "owned"])
 def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts(composition):
     """Level, attribute, then another level of the same attribute: branches are matched by what they
     see, not by position, and each grown part is exactly zero at its source code, whichever way the
@@ -206,7 +206,8 @@ def test_growth_in_any_order_keeps_every_render_that_does_not_use_the_new_parts(
     from perse_ray.avatar.model import AvatarModel
 
     cfg = load_config("cpu-smoke", ["avatar.num_gaussians=200", f"avatar.attribute_composition={composition}"])
-    model = AvatarModel(LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim), cfg.avatar, seed=3)
+    layout = LatentLayout.from_config(cfg.synth, cfg.avatar.code_dim, anchored=composition == "owned")
+    model = AvatarModel(layout, cfg.avatar, seed=3)
     g = torch.Generator().manual_seed(4)
 
     def scramble(m, trainable=None):  # random weights where a fit could move them

@@ -15,8 +15,8 @@ branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``bran
 the avatar has one. The branches are the layout's (``LatentLayout.branches``: the expression, each
 attribute, then each attribute's residual branches); an anchored one (added after training)
 outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The header's
-``decoder.attribute_composition`` says how the attributes' opacity and colour changes combine ("sum"
-or "union", with ``color_dominance``; see ``perse_ray.avatar.model``). The decoder is stored as
+``decoder.attribute_composition`` says how the attributes' opacity and colour changes combine ("sum",
+"union" or "owned", with ``color_dominance``; see ``perse_ray.avatar.model``). The decoder is stored as
 weights rather than precomputed tables: a branch's output depends non-linearly on its code, so a
 table would only be exact at the edit codes.
 
@@ -175,7 +175,7 @@ def _check_header(h: Any) -> None:
             raise BundleError(f"header: decoder outputs {d['outputs']} are not mean/quat/scale/opacity/color")
         if d["activation"] != "silu":
             raise BundleError(f"header: unknown activation {d['activation']!r}")
-        if d["attribute_composition"] not in ("sum", "union"):
+        if d["attribute_composition"] not in ("sum", "union", "owned"):
             raise BundleError(f"header: unknown attribute_composition {d['attribute_composition']!r}")
         want_dims = layout.branch_dims()
         if list(d["branch_dims"]) != want_dims or list(d["branches"]) != [b.input for b in layout.branches()]:
@@ -302,6 +302,17 @@ def _union_opacity(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> np
     return (1 - (1 - np.exp(log_sigmoid(logits)) * np.exp(keep)) * np.exp(clear)).astype(np.float32)
 
 
+def _owned_weights(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> list[np.ndarray]:
+    """``perse_ray.avatar.model.owned_weights`` in NumPy."""
+    log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
+    keep = sum(log_sigmoid(logits + np.minimum(d, 0)) - log_sigmoid(logits) for d in attribute_deltas)
+    source = np.exp(log_sigmoid(logits)) * np.exp(keep)
+    adds = [-np.expm1(log_sigmoid(-logits - np.maximum(d, 0)) - log_sigmoid(-logits)) for d in attribute_deltas]
+    total = source + sum(adds)
+    tiny = np.finfo(np.float32).tiny
+    return [np.where(total > tiny, (source + add) / np.maximum(total, tiny), 1).astype(np.float32) for add in adds]
+
+
 def _dominant_change(changes: list[np.ndarray], dominance: float) -> np.ndarray:
     """``perse_ray.avatar.model.dominant_change`` in NumPy."""
     sizes = [np.sqrt(np.square(c).sum(-1, keepdims=True) + np.float32(1e-12)) for c in changes]
@@ -331,21 +342,27 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
             out = branch(b, zb) - branch(b, np.zeros_like(zb))
         out = out * a["branch_regions"][b][:, None]
         parts[part] = out if part not in parts else parts[part] + out
+    units = {name: np.float32(unit) for name, _, unit in h["outputs"]}
+    union = h["attribute_composition"] in ("union", "owned")
+    if union:
+        expression, attributes = parts.pop("expression"), list(parts.values())
+        logits = a["opacity_logits"] + units["opacity"] * expression[:, 10]
+        deltas = [units["opacity"] * p[:, 10] for p in attributes]
+        opacities = _union_opacity(logits, deltas)
+        if h["attribute_composition"] == "owned":  # each attribute changes only the material it owns
+            attributes = [w[:, None] * p for w, p in zip(_owned_weights(logits, deltas), attributes)]
+        parts = {"expression": expression, **dict(enumerate(attributes))}
     total = sum(parts.values())
     d, at = {}, 0
     for name, c, unit in h["outputs"]:
         d[name] = (np.float32(unit) * total[:, at:at + c]).astype(np.float32)
         at += c
-    units = {name: np.float32(unit) for name, _, unit in h["outputs"]}
-    color_logits = a["color_logits"] + d["color"]
-    if h["attribute_composition"] == "union":
-        expression = parts.pop("expression")
-        logits = a["opacity_logits"] + units["opacity"] * expression[:, 10]
-        opacities = _union_opacity(logits, [units["opacity"] * p[:, 10] for p in parts.values()])
+    if union:
         color_logits = a["color_logits"] + units["color"] * expression[:, 11:14] + _dominant_change(
-            [units["color"] * p[:, 11:14] for p in parts.values()], h["color_dominance"])
+            [units["color"] * p[:, 11:14] for p in attributes], h["color_dominance"])
     else:
         opacities = 1 / (1 + np.exp(-(a["opacity_logits"] + d["opacity"][:, 0])))
+        color_logits = a["color_logits"] + d["color"]
     return {"means": a["means"] + d["mean"], "quats": a["quats"] + d["quat"],
             "scales": np.exp(a["log_scales"] + d["scale"]),
             "opacities": opacities,

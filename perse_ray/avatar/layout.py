@@ -58,10 +58,11 @@ class LatentLayout:
                                  f"and residuals in 0..{MAX_RESIDUALS}")
 
     @classmethod
-    def from_config(cls, synth_cfg, code_dim: int) -> "LatentLayout":
+    def from_config(cls, synth_cfg, code_dim: int, anchored: bool = False) -> "LatentLayout":
+        """``anchored``: every attribute's branch adds exactly nothing at its source level."""
         return cls(
             expressions=list(synth_cfg.motion.expressions),
-            attributes=[AttributeLayout(a.name, ["source"] + [e.label for e in a.edits], code_dim)
+            attributes=[AttributeLayout(a.name, ["source"] + [e.label for e in a.edits], code_dim, anchored)
                         for a in synth_cfg.attributes],
         )
 

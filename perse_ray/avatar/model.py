@@ -6,7 +6,8 @@ colour. It is a sum of branches — one for expression, one per attribute — ea
 slice of z: moving one attribute's slider can only act through that attribute's branch, which is
 the architectural half of disentanglement (the data, where each video edits one attribute, is the
 other half). With ``avatar.attribute_composition = "union"`` the attributes' opacity and colour
-changes are not added but composed (``union_opacity``, ``dominant_change``), so edits never trained
+changes are not added but composed (``union_opacity``, ``dominant_change``), and with "owned" each
+attribute also changes only the material it owns (``owned_weights``), so edits never trained
 together still look like each edit applied. The number of Gaussians is fixed (DDP never sees
 changing shapes); dead ones are relocated onto live ones (see ``relocate.py``).
 """
@@ -114,7 +115,15 @@ class BranchDecoder(nn.Module):
             g = g_full[b] if b in g_full else (gauss_in if index is None else gauss_in[index]) @ w_gauss[b]  # [n_b, H]
             zu = z[first]  # differentiable representatives of the distinct rows
             if anchored[b]:
-                zu = torch.cat([zu, zu.new_zeros(1, zu.shape[1])])  # f(0), the anchor, as one more row
+                at_source = (zu.detach() == 0).all(1)
+                # On the host the rows are free to read: a row already at the source serves as the anchor
+                # f(0), and a branch at its source on every row adds nothing. On a GPU that is a host sync.
+                known = zu.device.type == "cpu"
+                if known and bool(at_source.all()):
+                    continue
+                anchor = int(at_source.nonzero()[0, 0]) if known and bool(at_source.any()) else len(zu)
+                if anchor == len(zu):
+                    zu = torch.cat([zu, zu.new_zeros(1, zu.shape[1])])  # f(0) as one more row
             h = nn.functional.silu(g[None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, n_b, H]
             for w, bias in w_hidden:
                 h = nn.functional.silu(h @ w[b] + bias[b])
@@ -122,8 +131,8 @@ class BranchDecoder(nn.Module):
             if anchored[b]:
                 # Zero where z is the source code by construction, not by rounding: f(0) − f(0) computed
                 # in two places need not cancel bit for bit.
-                at_source = (zu[:-1] == 0).all(1)[:, None, None]
-                out = torch.where(at_source, torch.zeros_like(out[:-1]), out[:-1] - out[-1:])
+                u = len(at_source)
+                out = torch.where(at_source[:, None, None], torch.zeros_like(out[:u]), out[:u] - out[anchor:anchor + 1])
             if l1_of is not None and l1_of[b]:
                 l1 = l1 + out.abs().sum() / (out.shape[0] * gauss_in.shape[0] * out.shape[2])
             out = out[inverse] if out.shape[0] > 1 or inverse.shape[0] > 1 else out.expand(batch, -1, -1)
@@ -136,6 +145,19 @@ class BranchDecoder(nn.Module):
         return total if l1_of is None else (total, l1)
 
 
+def _union_terms(logits: torch.Tensor, attribute_deltas: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``union_opacity``'s terms: log of the share of the source's opacity every lowering keeps
+    (summed), and per attribute the log of the share of the rest its raising leaves clear."""
+    keep, clears = torch.zeros_like(logits), []
+    for delta in attribute_deltas:  # in order, so an attribute added later at its source (exact zeros) changes no bit
+        # split so that the gradient at exactly 0 (a zero-initialised output layer) is sigmoid's, not
+        # lost between the two sides as clamp's would be
+        lower = torch.where(delta <= 0, delta, torch.zeros_like(delta))
+        keep = keep + (nn.functional.logsigmoid(logits + lower) - nn.functional.logsigmoid(logits))
+        clears.append(nn.functional.logsigmoid(-logits - (delta - lower)) - nn.functional.logsigmoid(-logits))
+    return keep, clears
+
+
 def union_opacity(logits: torch.Tensor, attribute_deltas: torch.Tensor) -> torch.Tensor:
     """Opacity when every attribute's edit is applied at once, as a union of what each one does.
 
@@ -145,14 +167,34 @@ def union_opacity(logits: torch.Tensor, attribute_deltas: torch.Tensor) -> torch
     a Gaussian one edit turns on (glasses) stays on where another edit fades it (hair over the brows);
     a sum of logits would let the second cancel the first.
     """
-    keep = clear = torch.zeros_like(logits)
-    for delta in attribute_deltas:  # in order, so an attribute added later at its source (exact zeros) changes no bit
-        # split so that the gradient at exactly 0 (a zero-initialised output layer) is sigmoid's, not
-        # lost between the two sides as clamp's would be
-        lower = torch.where(delta <= 0, delta, torch.zeros_like(delta))
-        keep = keep + (nn.functional.logsigmoid(logits + lower) - nn.functional.logsigmoid(logits))
-        clear = clear + (nn.functional.logsigmoid(-logits - (delta - lower)) - nn.functional.logsigmoid(-logits))
-    return 1 - (1 - torch.sigmoid(logits) * keep.exp()) * clear.exp()
+    return _union_opacity(logits, *_union_terms(logits, attribute_deltas))
+
+
+def _union_opacity(logits: torch.Tensor, keep: torch.Tensor, clears: list[torch.Tensor]) -> torch.Tensor:
+    return 1 - (1 - torch.sigmoid(logits) * keep.exp()) * sum(clears, torch.zeros_like(logits)).exp()
+
+
+def owned_weights(logits: torch.Tensor, attribute_deltas: torch.Tensor) -> torch.Tensor:
+    """[A, B, N]: the share of a Gaussian's material each attribute may change ("owned" composition).
+
+    The union opacity is made of the source's material (its opacity after every lowering) and what
+    each attribute adds. Attribute a moves and recolours the source's material and its own,
+    (source + add_a) / (source + Σ add): lenses the glasses add keep their place and colour where the
+    hair or beard edit changes the face behind them. Alone (every other change exactly zero) an
+    attribute's share is exactly 1.
+    """
+    return _owned_shares(logits, *_union_terms(logits, attribute_deltas))
+
+
+def _owned_shares(logits: torch.Tensor, keep: torch.Tensor, clears: list[torch.Tensor]) -> torch.Tensor:
+    source = torch.sigmoid(logits) * keep.exp()
+    adds = [-torch.expm1(clear) for clear in clears]
+    total = source
+    for add in adds:  # in order: a later attribute at its source adds exact zeros
+        total = total + add
+    tiny = torch.finfo(total.dtype).tiny  # an invisible Gaussian (no material at all) keeps share 1
+    return torch.stack([torch.where(total > tiny, (source + add) / total.clamp_min(tiny), torch.ones_like(total))
+                        for add in adds])
 
 
 def dominant_change(changes: torch.Tensor, dominance: float) -> torch.Tensor:
@@ -284,7 +326,7 @@ class AvatarModel(nn.Module):
         pos = positional_encoding(self.means.detach() / POSITION_SCALE, self.cfg.pos_freqs)
         if groups is not None:
             groups = [(i.to(z.device, non_blocking=True), f.to(z.device, non_blocking=True)) for i, f in groups]
-        union = self.cfg.attribute_composition == "union"
+        union = self.cfg.attribute_composition in ("union", "owned")
         # union: one part for the expression and one per attribute (its residual branches with it)
         attribute_index = {a.name: i for i, a in enumerate(self.layout.attributes)}
         parts = [0 if b.input == "expression" else 1 + attribute_index[b.input] for b in layout_branches] \
@@ -293,16 +335,21 @@ class AvatarModel(nn.Module):
                            [b.anchored for b in layout_branches],
                            [b.input != "expression" for b in layout_branches] if attribute_l1 else None, parts)
         deltas, l1 = out if attribute_l1 else (out, None)
-        per_part = deltas if union else None
         if union:
-            deltas = sum(per_part.unbind(0))  # every part's deltas; opacity and colour compose below
+            expression, attributes = deltas[0], list(deltas[1:])  # [B, N, 14] each
+            opacity = DELTA_UNITS["opacity"] * deltas[..., 10]  # [1 + A, B, N]; channel 10 is the opacity
+            logits = self.opacity_logits + opacity[0]
+            keep, clears = _union_terms(logits, opacity[1:])
+            opacities = _union_opacity(logits, keep, clears)
+            if self.cfg.attribute_composition == "owned":  # each attribute changes only the material it owns
+                shares = _owned_shares(logits, keep, clears)
+                attributes = [share[..., None] * part for share, part in zip(shares, attributes)]
+            deltas = sum(attributes, expression)  # the geometry: every part's deltas added, in order
+            changes = torch.stack([DELTA_UNITS["color"] * part[..., 11:14] for part in attributes])
+            colors = torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * expression[..., 11:14]
+                                   + dominant_change(changes, self.cfg.color_dominance))
         d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
-        if union:
-            opacity = DELTA_UNITS["opacity"] * per_part[..., 10]  # [1 + A, B, N]; channel 10 is the opacity
-            opacities = union_opacity(self.opacity_logits + opacity[0], opacity[1:])
-            color = DELTA_UNITS["color"] * per_part[..., 11:14]
-            colors = torch.sigmoid(self.color_logits + color[0] + dominant_change(color[1:], self.cfg.color_dominance))
-        else:
+        if not union:
             opacities = torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0])
             colors = torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"])
         g = {

@@ -255,7 +255,7 @@ def train_avatar(frames: pa.Table | list[dict[str, Any]], config: Config, checkp
     rank, world = (parallel.rank, parallel.world_size) if parallel else (0, 1)
     torch.manual_seed(tcfg.seed)
     rows = rows_from_table(frames) if isinstance(frames, pa.Table) else list(frames)
-    layout = LatentLayout.from_config(config.synth, config.avatar.code_dim)
+    layout = training_layout(config)
     device = resolve_device(machine.device)
     data = frameset_from_rows(rows, layout, rcfg.width, rcfg.height)
     train_idx, held_idx = split_holdout(data, tcfg.holdout_fraction, tcfg.seed)
@@ -376,6 +376,14 @@ def edit_regions(frames: FrameSet, num_attributes: int, dilate: int = 2) -> list
         masks = (pooled >= 0.25 * peak) & (peak > 0)
         out.append((frames.viewmats[index], frames.Ks[index], masks) if len(index) else None)
     return out
+
+
+def training_layout(config: Config) -> LatentLayout:
+    """The latent layout an avatar trains with. Under the "owned" composition the attribute branches
+    are anchored: an attribute's share of a Gaussian is measured against its source level, where it
+    must add exactly nothing."""
+    return LatentLayout.from_config(config.synth, config.avatar.code_dim,
+                                    anchored=config.avatar.attribute_composition == "owned")
 
 
 @torch.no_grad()

@@ -48,7 +48,7 @@ function checkHeader(h) {
   const ints = [h.num_gaussians, d.feature_dim, d.pos_freqs, d.hidden_dim, d.hidden_layers, ...(d.branch_dims || [])];
   if (!ints.every((v) => Number.isInteger(v) && v >= 0) || h.num_gaussians < 1 || d.hidden_layers < 1) fail("counts must be positive integers");
   if (d.activation !== "silu") fail(`unknown activation ${d.activation}`);
-  if (d.attribute_composition !== "sum" && d.attribute_composition !== "union") {
+  if (!["sum", "union", "owned"].includes(d.attribute_composition)) {
     fail(`unknown attribute_composition ${d.attribute_composition}`);
   }
   for (const a of lay.attributes) {
@@ -143,6 +143,7 @@ export function branchSlices(bundle) {
 }
 
 const silu = (x) => x / (1 + Math.exp(-x));
+const TINY = 1.1754943508222875e-38; // float32's smallest normal: below it a Gaussian has no material
 const logSigmoid = (x) => (x >= 0 ? -Math.log1p(Math.exp(-x)) : x - Math.log1p(Math.exp(x)));
 
 /**
@@ -188,14 +189,16 @@ export class Decoder {
         this.gproj[b].set(acc, i * H);
       }
     }
-    // An anchored branch (a part added after training) outputs f(z) - f(0), and exactly zero
-    // at z = 0; its f(0) is computed once, on first use.
+    // An anchored branch (a part added after training, or every attribute's under the "owned"
+    // composition) outputs f(z) - f(0), and exactly zero at z = 0.
     this.anchored = layoutBranches(h.layout).map((b) => b.anchored);
     // compose's parts: each branch's attribute (-1: the expression), its residual branches with it
     const inputs = layoutBranches(h.layout).map((b) => b.input);
     this.parts = [...new Set(inputs)].slice(1);
     this.partOf = inputs.map((name) => this.parts.indexOf(name));
-    this.anchors = new Array(this.nb).fill(null);
+    // f(0) of every anchored branch, at load: a slider change then costs one evaluation, the first too
+    this.anchors = this.anchored.map((anchored, b) => (anchored
+      ? this.evaluate(b, new Float32Array(this.slices[b][1]), new Float32Array(this.n * 14)) : null));
     this.outputs = new Array(this.nb).fill(null);
     this.keys = new Array(this.nb).fill(null);
     this.decodes = 0; // branch evaluations so far (a test counts them)
@@ -214,7 +217,6 @@ export class Decoder {
     } else if (Array.from(zb).every((v) => v === 0)) {
       out.fill(0);
     } else {
-      if (!this.anchors[b]) this.anchors[b] = this.evaluate(b, new Float32Array(zb.length), new Float32Array(this.n * 14));
       this.evaluate(b, zb, out);
       const anchor = this.anchors[b];
       for (let i = 0; i < out.length; i++) out[i] = Math.fround(out[i] - anchor[i]);
@@ -278,73 +280,99 @@ export class Decoder {
 
   /**
    * Sum the cached branch outputs and activate: {means, quats, scales, opacities, colors} (typed
-   * arrays). With the "union" opacity composition each attribute's opacity change (its branches
-   * summed) composes as perse_ray/avatar/model.py union_opacity does.
+   * arrays). With the "union" and "owned" compositions each attribute's opacity change (its
+   * branches summed) composes as perse_ray/avatar/model.py union_opacity does; "owned" weights each
+   * attribute's colour change by the material it owns (model.py owned_weights).
    */
   compose() {
     const a = this.bundle.arrays, n = this.n, OUT = 14, u = this.units, g = this.gaussians;
     const outs = this.outputs;
     if (outs.some((o) => !o)) throw new Error("compose() before every branch was decoded");
     const dec = this.bundle.header.decoder;
-    const union = dec.attribute_composition === "union", dominance = union ? dec.color_dominance : 0;
-    const partOf = this.partOf, P = this.parts.length;
-    const d = new Float64Array(OUT), op = new Float64Array(P), col = new Float64Array(P * 3);
-    const expColor = new Float64Array(3), weight = new Float64Array(P);
+    const owned = dec.attribute_composition === "owned", union = owned || dec.attribute_composition === "union";
+    const dominance = union ? dec.color_dominance : 0;
+    // part 0 is the expression, part p + 1 attribute p (its residual branches with it); sum: one part
+    const P = this.parts.length, partOf = this.partOf.map((p) => (union ? p + 1 : 0));
+    const pt = new Float64Array((P + 1) * OUT), d = new Float64Array(OUT);
+    const weight = new Float64Array(P), add = new Float64Array(P);
     for (let i = 0; i < n; i++) {
       const off = i * OUT;
-      d.fill(0);
-      if (union) { op.fill(0); col.fill(0); expColor.fill(0); }
-      let expOpacity = 0;
+      pt.fill(0);
       for (let b = 0; b < outs.length; b++) {
-        const o = outs[b];
-        for (let k = 0; k < OUT; k++) d[k] += o[off + k];
-        if (!union) continue;
-        const p = partOf[b];
-        if (p < 0) {
-          expOpacity += o[off + 10];
-          for (let c = 0; c < 3; c++) expColor[c] += o[off + 11 + c];
-        } else {
-          op[p] += o[off + 10];
-          for (let c = 0; c < 3; c++) col[p * 3 + c] += o[off + 11 + c];
+        const o = outs[b], at = partOf[b] * OUT;
+        for (let k = 0; k < OUT; k++) pt[at + k] += o[off + k];
+      }
+      // With at most one attribute changing this Gaussian, every composition is the sum: a union of
+      // one is sigmoid(l + delta), its owned share is 1 and it is the largest colour change.
+      let active = 0;
+      if (union) {
+        for (let p = 1; p <= P; p++) {
+          for (let k = p * OUT; k < (p + 1) * OUT; k++) if (pt[k] !== 0) { active++; break; }
         }
       }
-      for (let c = 0; c < 3; c++) g.means[i * 3 + c] = a.means[i * 3 + c] + u.mean * d[c];
-      for (let c = 0; c < 4; c++) g.quats[i * 4 + c] = a.quats[i * 4 + c] + u.quat * d[3 + c];
-      for (let c = 0; c < 3; c++) g.scales[i * 3 + c] = Math.exp(a.log_scales[i * 3 + c] + u.scale * d[7 + c]);
-      if (!union) {
+      if (active <= 1) {
+        for (let k = 0; k < OUT; k++) {
+          let sum = pt[k];
+          if (active) for (let p = 1; p <= P; p++) sum += pt[p * OUT + k];
+          d[k] = sum;
+        }
         g.opacities[i] = 1 / (1 + Math.exp(-(a.opacity_logits[i] + u.opacity * d[10])));
         for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
+        this.place(i, d);
         continue;
       }
       // union_opacity: a lowering change only keeps, a raising one only covers (a zero one adds nothing)
-      const l = a.opacity_logits[i] + u.opacity * expOpacity, lsl = logSigmoid(l), lsnl = logSigmoid(-l);
+      const l = a.opacity_logits[i] + u.opacity * pt[10], lsl = logSigmoid(l), lsnl = logSigmoid(-l);
       let keep = 0, clear = 0;
       for (let p = 0; p < P; p++) {
-        const delta = u.opacity * op[p];
+        const delta = u.opacity * pt[(p + 1) * OUT + 10];
+        add[p] = 0;
         if (delta < 0) keep += logSigmoid(l + delta) - lsl;
-        else if (delta > 0) clear += logSigmoid(-l - delta) - lsnl;
+        else if (delta > 0) {
+          const c = logSigmoid(-l - delta) - lsnl;
+          clear += c;
+          if (owned) add[p] = -Math.expm1(c);
+        }
       }
-      g.opacities[i] = 1 - (1 - Math.exp(lsl + keep)) * Math.exp(clear);
-      // dominant_change: each attribute's colour change weighted by how far it falls short of the largest
+      const source = Math.exp(lsl + keep);
+      g.opacities[i] = 1 - (1 - source) * Math.exp(clear);
+      // owned_weights: each attribute moves and recolours the source's material and what it adds itself
+      let total = source;
+      for (let p = 0; p < P; p++) total += add[p];
+      for (let p = 0; p < P; p++) weight[p] = owned && total > TINY ? (source + add[p]) / total : 1;
+      for (let k = 0; k < OUT; k++) {
+        let sum = pt[k];
+        for (let p = 0; p < P; p++) sum += weight[p] * pt[(p + 1) * OUT + k];
+        d[k] = sum;
+      }
+      this.place(i, d);
       if (dominance === 0) {
         for (let c = 0; c < 3; c++) g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + u.color * d[11 + c])));
         continue;
       }
+      // dominant_change: each (owned) colour change weighted by how far it falls short of the largest
       let largest = -Infinity;
       for (let p = 0; p < P; p++) {
         let sq = 0;
-        for (let c = 0; c < 3; c++) sq += (u.color * col[p * 3 + c]) ** 2;
-        weight[p] = Math.sqrt(sq + 1e-12);
-        largest = Math.max(largest, weight[p]);
+        for (let c = 0; c < 3; c++) sq += (weight[p] * u.color * pt[(p + 1) * OUT + 11 + c]) ** 2;
+        add[p] = Math.sqrt(sq + 1e-12); // the change's size (add is free again)
+        largest = Math.max(largest, add[p]);
       }
-      for (let p = 0; p < P; p++) weight[p] = Math.exp(dominance * (weight[p] - largest));
       for (let c = 0; c < 3; c++) {
-        let change = u.color * expColor[c];
-        for (let p = 0; p < P; p++) change += weight[p] * u.color * col[p * 3 + c];
+        let change = u.color * pt[11 + c];
+        for (let p = 0; p < P; p++) change += weight[p] * Math.exp(dominance * (add[p] - largest)) * u.color * pt[(p + 1) * OUT + 11 + c];
         g.colors[i * 3 + c] = 1 / (1 + Math.exp(-(a.color_logits[i * 3 + c] + change)));
       }
     }
     return g;
+  }
+
+  /** Gaussian i's means, quats and scales from its summed deltas d (the first 10 channels). */
+  place(i, d) {
+    const a = this.bundle.arrays, u = this.units, g = this.gaussians;
+    for (let c = 0; c < 3; c++) g.means[i * 3 + c] = a.means[i * 3 + c] + u.mean * d[c];
+    for (let c = 0; c < 4; c++) g.quats[i * 4 + c] = a.quats[i * 4 + c] + u.quat * d[3 + c];
+    for (let c = 0; c < 3; c++) g.scales[i * 3 + c] = Math.exp(a.log_scales[i * 3 + c] + u.scale * d[7 + c]);
   }
 }
 
