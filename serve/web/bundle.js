@@ -282,7 +282,7 @@ export class Decoder {
    * Sum the cached branch outputs and activate: {means, quats, scales, opacities, colors} (typed
    * arrays). With the "union" and "owned" compositions each attribute's opacity change (its
    * branches summed) composes as perse_ray/avatar/model.py union_opacity does; "owned" weights each
-   * attribute's colour change by the material it owns (model.py owned_weights).
+   * attribute's whole change (position, shape, colour) by the material it owns (model.py owned_weights).
    */
   compose() {
     const a = this.bundle.arrays, n = this.n, OUT = 14, u = this.units, g = this.gaussians;
