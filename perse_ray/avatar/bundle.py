@@ -13,8 +13,8 @@ features), every attribute's code table (row 0 = the source, zeros) and the deco
 branch (``w_gauss`` ... ``b_out``, branch-major as in ``BranchDecoder``), ``branch_regions`` [branches, N]
 (1 where a branch acts on a Gaussian, 0 where it adds nothing); the learned backdrop when
 the avatar has one. The branches are the layout's (``LatentLayout.branches``: the expression, each
-attribute, then each attribute's residual branches); an anchored one (added after training)
-outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The header's
+attribute, then each attribute's residual branches); an anchored one (added after training, and
+every attribute's under the "owned" composition) outputs f(z) − f(0), and exactly zero where its slice of z is all zeros. The header's
 ``decoder.attribute_composition`` says how the attributes' opacity and colour changes combine ("sum",
 "union" or "owned", with ``color_dominance``; see ``perse_ray.avatar.model``). The decoder is stored as
 weights rather than precomputed tables: a branch's output depends non-linearly on its code, so a
