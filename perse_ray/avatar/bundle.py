@@ -294,20 +294,25 @@ def branch_inputs(bundle: WebBundle, z: np.ndarray) -> list[tuple[np.ndarray, bo
             for b in layout.branches()]
 
 
-def _union_opacity(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> np.ndarray:
-    """``perse_ray.avatar.model.union_opacity`` in NumPy."""
-    log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
-    keep = sum(log_sigmoid(logits + np.minimum(d, 0)) - log_sigmoid(logits) for d in attribute_deltas)
-    clear = sum(log_sigmoid(-logits - np.maximum(d, 0)) - log_sigmoid(-logits) for d in attribute_deltas)
-    return (1 - (1 - np.exp(log_sigmoid(logits)) * np.exp(keep)) * np.exp(clear)).astype(np.float32)
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0, -x)
 
 
-def _owned_weights(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> list[np.ndarray]:
-    """``perse_ray.avatar.model.owned_weights`` in NumPy."""
-    log_sigmoid = lambda x: -np.logaddexp(0, -x)  # noqa: E731
-    keep = sum(log_sigmoid(logits + np.minimum(d, 0)) - log_sigmoid(logits) for d in attribute_deltas)
-    source = np.exp(log_sigmoid(logits)) * np.exp(keep)
-    adds = [-np.expm1(log_sigmoid(-logits - np.maximum(d, 0)) - log_sigmoid(-logits)) for d in attribute_deltas]
+def _union_terms(logits: np.ndarray, attribute_deltas: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``perse_ray.avatar.model._union_terms`` in NumPy: the summed log keep and each log clear."""
+    keep = sum(_log_sigmoid(logits + np.minimum(d, 0)) - _log_sigmoid(logits) for d in attribute_deltas)
+    return keep, [_log_sigmoid(-logits - np.maximum(d, 0)) - _log_sigmoid(-logits) for d in attribute_deltas]
+
+
+def _union_opacity(logits: np.ndarray, keep: np.ndarray, clears: list[np.ndarray]) -> np.ndarray:
+    """``perse_ray.avatar.model.union_opacity`` in NumPy, from ``_union_terms``."""
+    return (1 - (1 - np.exp(_log_sigmoid(logits)) * np.exp(keep)) * np.exp(sum(clears))).astype(np.float32)
+
+
+def _owned_weights(logits: np.ndarray, keep: np.ndarray, clears: list[np.ndarray]) -> list[np.ndarray]:
+    """``perse_ray.avatar.model.owned_weights`` in NumPy, from ``_union_terms``."""
+    source = np.exp(_log_sigmoid(logits)) * np.exp(keep)
+    adds = [-np.expm1(clear) for clear in clears]
     total = source + sum(adds)
     tiny = np.finfo(np.float32).tiny
     return [np.where(total > tiny, (source + add) / np.maximum(total, tiny), 1).astype(np.float32) for add in adds]
@@ -348,9 +353,10 @@ def decode_gaussians(bundle: WebBundle, z: np.ndarray) -> dict[str, np.ndarray]:
         expression, attributes = parts.pop("expression"), list(parts.values())
         logits = a["opacity_logits"] + units["opacity"] * expression[:, 10]
         deltas = [units["opacity"] * p[:, 10] for p in attributes]
-        opacities = _union_opacity(logits, deltas)
+        terms = _union_terms(logits, deltas)  # once, for the opacity and the owned shares
+        opacities = _union_opacity(logits, *terms)
         if h["attribute_composition"] == "owned":  # each attribute changes only the material it owns
-            attributes = [w[:, None] * p for w, p in zip(_owned_weights(logits, deltas), attributes)]
+            attributes = [w[:, None] * p for w, p in zip(_owned_weights(logits, *terms), attributes)]
         parts = {"expression": expression, **dict(enumerate(attributes))}
     total = sum(parts.values())
     d, at = {}, 0
