@@ -12,6 +12,15 @@ portrait, one column per yaw). Prints JSON lines (a table without --json) per po
   the turn reveals (near: the image side the camera moves to) and on the side it turns away, over
   the same cheek's in the front view (1 = as sharp as the portrait; a stretched cheek is smoother,
   a compressed one sharper).
+Then the same yaws against a true turn (``perse_ray/bench/turn_truth.py``): the mesh ground-truth
+head's front render is animated and compared with that head rendered at each yaw, per |yaw|:
+- ``truth_psnr_animated`` / ``truth_psnr_unmoved``: the animator's frame, and the unmoved front
+  render (the do-nothing baseline), against the true turn, PSNR over the head;
+- ``truth_identity_true_turn`` / ``truth_identity_animated``: the face model's id_score (the
+  evaluation's ``identity_yaw_*`` scale) of the true turn and of the animator's frame against the
+  front render. The true turn's figure is the most any synthesis or avatar can score at that yaw:
+  what it loses with |yaw| belongs to the face model.
+The picture ``OUTPUT/turn_truth.png`` has the true turns over the animator's frames.
 ``--quick``: the first two portraits, 5 yaws. No Ray needed.
 """
 
@@ -133,6 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     strip = args.output / "turntable.png"
     Image.fromarray(np.concatenate(rows, axis=0)).save(strip)
     print(f"# turntable strip: {strip} (yaws {', '.join(f'{y:g}' for y in yaws)})", file=sys.stderr)
+
+    from perse_ray.bench.mesh_head import MeshHead
+    from perse_ray.bench.turn_truth import score_turns
+    from perse_ray.camera import Camera
+
+    scores, picture = score_turns(MeshHead(), faces, yaws, size, Camera(cfg.render.fov_deg, cfg.render.distance))
+    for a in sorted({round(abs(s.yaw), 1) for s in scores} - {0.0}):  # the front view is the portrait itself
+        both = [s for s in scores if round(abs(s.yaw), 1) == a]
+        labels = {"subject": "mesh-head", "abs_yaw": a, "detected": sum(s.detected for s in both)}
+        emit("truth_psnr_animated", np.mean([s.psnr_animated for s in both]), "dB vs the true turn", info, **labels)
+        emit("truth_psnr_unmoved", np.mean([s.psnr_unmoved for s in both]), "dB vs the true turn", info, **labels)
+        emit("truth_identity_true_turn", np.mean([s.identity_truth for s in both]), "id_score vs front", info, **labels)
+        emit("truth_identity_animated", np.mean([s.identity_animated for s in both]), "id_score vs front", info, **labels)
+    Image.fromarray(picture).save(args.output / "turn_truth.png")
+    print(f"# true turns over the animator's: {args.output / 'turn_truth.png'}", file=sys.stderr)
     return 0
 
 
