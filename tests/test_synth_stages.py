@@ -170,3 +170,23 @@ def test_diffusion_helpers():
     lm = np.stack([np.linspace(10, 50, 68), np.linspace(12, 52, 68)], 1).astype(np.float32)
     control = draw_landmarks(lm, 64)
     assert control.shape == (64, 64, 3) and control.any() and not control[0:5, 55:].any()
+
+
+def test_a_tight_face_crop_is_kept_with_a_note_saying_what_it_costs(tmp_path, dlib_faces):
+    """The LFW example is a 25-px face crop: about two thirds of its aligned frame lies outside the
+    image. It is ingested, and the reason says so; a portrait with the whole head gets no note."""
+    import shutil
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "portraits"
+    for name in ("lfw_face_000.png", "astronaut.png"):
+        shutil.copy(examples / name, tmp_path / name)
+    cfg = load_config("cpu", ["synth.resolution=64"])
+    rows = {c.source_path.rsplit("/", 1)[1]: ingest_subject(c, dlib_faces, cfg)
+            for c in discover_subjects(tmp_path).candidates}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    tight = rows["lfw_face_000.png"]["reason"]
+    assert "tight crop: " in tight, tight
+    share = int(tight.split("tight crop: ")[1].split("%")[0])
+    assert 55 <= share <= 80, tight
+    assert "tight crop" not in rows["astronaut.png"]["reason"]

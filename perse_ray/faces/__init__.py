@@ -149,3 +149,13 @@ def align(image: np.ndarray, face: Face, size: int) -> tuple[np.ndarray, np.ndar
     lm = np.asarray(face.landmarks, np.float64)
     lm_aligned = lm @ m[:, :2].T + m[:, 2]
     return aligned, lm_aligned.astype(np.float32), m.astype(np.float32)
+
+
+def outside_fraction(m: np.ndarray, image_shape: tuple[int, ...], size: int) -> float:
+    """The share of an aligned ``size``-square frame (``align``'s matrix ``m``) that lies outside the
+    source image: what ``align`` filled by replicating the source's border (a tight face crop)."""
+    inverse = np.linalg.inv(np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]]))[:2]
+    ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
+    x, y = (np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)], 0).T @ inverse.T).T
+    h, w = image_shape[:2]
+    return float(1.0 - np.mean((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)))

@@ -19,8 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from perse_ray.config import Config, FacesConfig
-from perse_ray.faces import Face, FaceModel, align, face_from_landmarks
+from perse_ray.faces import Face, FaceModel, align, face_from_landmarks, outside_fraction
 from perse_ray.portraits import Candidate, ImageRejected, encode_png, load_image
+
+# Past this share of the aligned frame outside the image the portrait is a tight face crop: the
+# repeated edge shows as streaks around the head and as a smeared far side in wide turns.
+TIGHT_CROP = 0.25
 
 
 def stage_seed(base: int, subject_id: str, *parts: object) -> int:
@@ -85,7 +89,7 @@ def ingest_subject(candidate: Candidate, face_model: FaceModel, cfg: Config) -> 
         return {**row, "status": "quarantined", "reason": _with_notes(reason, candidate.notes)}
 
     size = cfg.synth.resolution
-    portrait, landmarks, _ = align(best.image, best.face, size)
+    portrait, landmarks, m = align(best.image, best.face, size)
     identity = face_model.embed(portrait, face_from_landmarks(landmarks))
     if len(candidate.images) == 1:
         reason = f"dominant {best.note}"
@@ -95,6 +99,11 @@ def ingest_subject(candidate: Candidate, face_model: FaceModel, cfg: Config) -> 
                  f"{len(candidate.images)} images; {others}"
     if best.scale != 1.0:
         reason += f"; input downscaled by {best.scale:.3f} before detection"
+    outside = outside_fraction(m, best.image.shape, size)
+    if outside > TIGHT_CROP:
+        reason += (f"; tight crop: {outside:.0%} of the aligned frame lies outside the image and repeats its "
+                   f"edge (streaks around the head, a smeared far side in wide turns): a photo with the "
+                   f"whole head and some background does better")
     x0, y0, x1, y1 = (float(v) / best.scale for v in best.face.box)
     return {**row, "status": "ok", "reason": _with_notes(reason, candidate.notes),
             "face_box": [x0, y0, x1, y1], "landmarks": landmarks.astype(np.float32).tolist(),
