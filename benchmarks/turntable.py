@@ -151,10 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     for a in sorted({round(abs(s.yaw), 1) for s in scores} - {0.0}):  # the front view is the portrait itself
         both = [s for s in scores if round(abs(s.yaw), 1) == a]
         labels = {"subject": "mesh-head", "abs_yaw": a, "detected": sum(s.detected for s in both)}
-        emit("truth_psnr_animated", np.mean([s.psnr_animated for s in both]), "dB vs the true turn", info, **labels)
-        emit("truth_psnr_unmoved", np.mean([s.psnr_unmoved for s in both]), "dB vs the true turn", info, **labels)
-        emit("truth_identity_true_turn", np.mean([s.identity_truth for s in both]), "id_score vs front", info, **labels)
-        emit("truth_identity_animated", np.mean([s.identity_animated for s in both]), "id_score vs front", info, **labels)
+        for figure, key, unit in (("truth_psnr_animated", "psnr_animated", "dB vs the true turn"),
+                                  ("truth_psnr_unmoved", "psnr_unmoved", "dB vs the true turn"),
+                                  ("truth_identity_true_turn", "identity_truth", "id_score vs front"),
+                                  ("truth_identity_animated", "identity_animated", "id_score vs front")):
+            emit(figure, np.mean([getattr(s, key) for s in both]), unit, info, **labels)
     Image.fromarray(picture).save(args.output / "turn_truth.png")
     print(f"# true turns over the animator's: {args.output / 'turn_truth.png'}", file=sys.stderr)
     return 0

@@ -26,8 +26,8 @@ class TurnScore:
     yaw: float
     psnr_animated: float  # dB over the head (covered in the true turn or the front view)
     psnr_unmoved: float  # the front render itself, same pixels
-    identity_truth: float | None  # face model id_score, true turn vs front render (None: no face model)
-    identity_animated: float | None
+    identity_truth: float  # face model id_score, true turn vs front render
+    identity_animated: float
     detected: int  # how many of the two the detector found (the rest: embedded at moved landmarks)
 
 
@@ -40,13 +40,11 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
     return float(-10.0 * np.log10(max(err[where].mean(), 1e-12)))
 
 
-def score_turns(head, face_model: FaceModel, yaws, size: int, camera: Camera,
-                with_identity: bool = True) -> tuple[list[TurnScore], np.ndarray]:
+def score_turns(head, face_model: FaceModel, yaws, size: int, camera: Camera) -> tuple[list[TurnScore], np.ndarray]:
     """Scores per yaw and a picture (true turns over the animator's frames, a column per yaw).
 
     ``head`` is a ground-truth head (``render(values, expression, camera_record, size)``); the face
-    model finds the front render's landmarks, which the animator needs, and scores identity when
-    ``with_identity``."""
+    model finds the front render's landmarks, which the animator needs, and scores identity."""
     def render(yaw: float):
         rgb, alpha = head.render({}, {}, camera_record(yaw, 0.0, size, size, camera.fov_deg, camera.distance), size)
         return _u8(rgb), alpha > 0.5
@@ -57,18 +55,17 @@ def score_turns(head, face_model: FaceModel, yaws, size: int, camera: Camera,
         raise ValueError(f"{face_model.name} finds no face in the head's {size}-px front render")
     face = max(faces, key=lambda f: f.area)
     mesh = build_mesh(face.landmarks, size, camera)
-    source = face_model.embed(front, face) if with_identity else None
+    source = face_model.embed(front, face)
     scores, columns = [], []
     for yaw in yaws:
         truth, on_head = render(float(yaw))
         animated, moved, _, _ = apply_warp(front, frame_warp(mesh, MotionFrame(0, float(yaw), 0.0, {})))
         where = on_head | front_head
-        ids, found = [None, None], 0
-        if with_identity:
-            for k, image in enumerate((truth, animated)):
-                emb, how = embed_frame(face_model, image, moved)
-                found += how == "detector"
-                ids[k] = face_model.id_score(source, emb)
+        ids, found = [], 0
+        for image in (truth, animated):
+            emb, how = embed_frame(face_model, image, moved)  # never None: moved landmarks are known
+            found += how == "detector"
+            ids.append(face_model.id_score(source, emb))
         scores.append(TurnScore(float(yaw), _psnr(animated, truth, where), _psnr(front, truth, where),
                                 ids[0], ids[1], found))
         columns.append(np.concatenate([truth, animated], axis=0))

@@ -156,6 +156,6 @@ def outside_fraction(m: np.ndarray, image_shape: tuple[int, ...], size: int) -> 
     source image: what ``align`` filled by replicating the source's border (a tight face crop)."""
     inverse = np.linalg.inv(np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]]))[:2]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
-    x, y = (np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)], 0).T @ inverse.T).T
+    x, y = inverse @ np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)])
     h, w = image_shape[:2]
     return float(1.0 - np.mean((x >= -0.5) & (x <= w - 0.5) & (y >= -0.5) & (y <= h - 0.5)))
