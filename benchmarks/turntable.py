@@ -18,8 +18,8 @@ head's front render is animated and compared with that head rendered at each yaw
   render (the do-nothing baseline), against the true turn, PSNR over the head;
 - ``truth_identity_true_turn`` / ``truth_identity_animated``: the face model's id_score (the
   evaluation's ``identity_yaw_*`` scale) of the true turn and of the animator's frame against the
-  front render. The true turn's figure is the most any synthesis or avatar can score at that yaw:
-  what it loses with |yaw| belongs to the face model.
+  front render. The true turn's figure is what a perfect synthesis would score at that yaw: what
+  it loses with |yaw| belongs to the face model (a wrong frame can score above it).
 The picture ``OUTPUT/turn_truth.png`` has the true turns over the animator's frames.
 ``--quick``: the first two portraits, 5 yaws. No Ray needed.
 """

@@ -4,9 +4,10 @@ The head's front render is the portrait; its renders at other yaws are what a pe
 would make of it. Per yaw: the animator's frame against the true turn (PSNR over the head), the
 unmoved front render against it (the do-nothing baseline an animator must beat), and the face
 model's identity of both against the front render. The true turn's identity says how much of a
-wide-yaw identity loss belongs to the face model itself, since no synthesis and no avatar can do
-better than the head they imitate. Where the detector misses a turned face, both are embedded at
-the landmarks the animator moved (the evaluation's own fallback).
+wide-yaw identity loss belongs to the face model itself: it is what a perfect synthesis of the
+head would score (an imperfect one may score higher, the face model is no judge of geometry).
+Where the detector misses a turned face, both are embedded at the landmarks the animator moved
+(the evaluation's own fallback).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from perse_ray.avatar.losses import psnr
 from perse_ray.camera import Camera, camera_record
 from perse_ray.faces import FaceModel, embed_frame
 from perse_ray.synth.classical.animator import apply_warp, build_mesh, frame_warp
@@ -36,8 +39,9 @@ def _u8(rgb: np.ndarray) -> np.ndarray:
 
 
 def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
-    err = ((a.astype(np.float64) - b.astype(np.float64)) / 255.0) ** 2
-    return float(-10.0 * np.log10(max(err[where].mean(), 1e-12)))
+    """The project's PSNR over the pixels ``where`` selects (uint8 images)."""
+    pixels = (torch.from_numpy(x[where]).double() / 255.0 for x in (a, b))
+    return float(psnr(*pixels))
 
 
 def score_turns(head, face_model: FaceModel, yaws, size: int, camera: Camera) -> tuple[list[TurnScore], np.ndarray]:
