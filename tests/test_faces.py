@@ -117,6 +117,36 @@ def test_align_puts_eyes_and_mouth_on_the_template(portraits):
             assert lm[19, 1] > 0.3 * size
 
 
+def test_a_tight_crop_is_aligned_onto_a_smooth_plain_backdrop(portraits):
+    """Grace Hopper cut to her face box: the aligned frame reaches far beyond the picture. The picture
+    keeps its pixels; beyond it the frame fades to one plain colour, with no streaks of a repeated edge."""
+    import cv2
+
+    from perse_ray.faces import FILL_FADE
+
+    image, (face,) = portraits["grace"]
+    x0, y0, x1, y1 = (int(round(v)) for v in face.box)
+    shift = np.array([x0, y0], np.float32)
+    tight = Face((0.0, 0.0, float(x1 - x0), float(y1 - y0)), face.score, face.landmarks - shift)
+    size = 128
+    full, _, _ = align(image, face, size)
+    cropped, _, m = align(image[y0:y1, x0:x1], tight, size)
+    coverage = cv2.warpAffine(np.ones((y1 - y0, x1 - x0), np.float32), m.astype(np.float64), (size, size),
+                              flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    inside = cv2.erode((coverage >= 1).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    outside = cv2.distanceTransform((coverage < 1).astype(np.uint8), cv2.DIST_L2, 5)
+    far = outside > 4 * FILL_FADE * size
+    assert inside.mean() > 0.1 and far.mean() > 0.1
+    # the picture itself: as aligned from the whole portrait (the pre-downscale grids differ a little)
+    assert np.abs(full.astype(int) - cropped)[inside].mean() < 4
+    # far from it one colour (a repeated edge: a spread of about 90 levels), and smooth everywhere
+    # beyond it (a repeated edge: 13 levels between neighbours on average, the picture 40)
+    assert cropped[far].astype(float).std(0).max() < 2
+    steps = np.abs(np.diff(cropped.astype(float), axis=1)).sum(-1)
+    beyond = outside >= 2
+    assert steps[beyond[:, 1:] & beyond[:, :-1]].mean() < 3
+
+
 def test_missing_model_files_raise_clear_errors(tmp_path):
     with pytest.raises(ModelNotFoundError, match=MODEL_FILES["landmarks"]):
         DlibFaces(FacesConfig(), models_dir=tmp_path)

@@ -26,6 +26,8 @@ BACKENDS = {
 # centre and the mouth centre. The eyes sit a little below the middle and the interocular distance
 # is a fifth of the side, so the whole head (hair, a hat), some neck and background fit in the frame.
 ALIGN_TEMPLATE = np.array([[0.40, 0.48], [0.60, 0.48], [0.50, 0.705]], dtype=np.float64)
+# Beyond the source picture the aligned frame fades to a plain backdrop within this share of its side.
+FILL_FADE = 1 / 16
 
 
 @dataclass
@@ -129,7 +131,8 @@ def align(image: np.ndarray, face: Face, size: int) -> tuple[np.ndarray, np.ndar
     """Similarity-align ``face`` to ``ALIGN_TEMPLATE`` in a ``size``-square frame.
 
     Returns the aligned uint8 image, the landmarks in aligned pixels and the 2x3 matrix M taking
-    source pixels to aligned pixels. Areas outside the source are filled by replicating its border.
+    source pixels to aligned pixels. Where the frame reaches beyond the source (a tight face crop)
+    it is filled with a plain backdrop (``fill_outside``).
     """
     m = similarity_transform(template_points(face.landmarks), ALIGN_TEMPLATE * size)
     scale = float(np.hypot(m[0, 0], m[1, 0]))
@@ -146,14 +149,53 @@ def align(image: np.ndarray, face: Face, size: int) -> tuple[np.ndarray, np.ndar
         warp = m @ undo
     aligned = cv2.warpAffine(np.ascontiguousarray(src), warp, (size, size), flags=cv2.INTER_LINEAR,
                              borderMode=cv2.BORDER_REPLICATE)
+    coverage = cv2.warpAffine(np.ones(src.shape[:2], np.float32), warp, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+    if coverage.min() < 1.0:
+        aligned = fill_outside(aligned, coverage, FILL_FADE * size)
     lm = np.asarray(face.landmarks, np.float64)
     lm_aligned = lm @ m[:, :2].T + m[:, 2]
     return aligned, lm_aligned.astype(np.float32), m.astype(np.float32)
 
 
+def fill_outside(image: np.ndarray, coverage: np.ndarray, fade: float) -> np.ndarray:
+    """``image`` (uint8 [S, S, 3]) where ``coverage`` ([S, S], 1 inside the source picture) is
+    below 1 replaced by a plain backdrop: the picture's colours diffused outwards (push-pull over
+    an image pyramid), fading to the mean colour of the picture's edge within about ``fade`` pixels.
+
+    A replicated border would streak outwards from the crop (a band of forehead over the head), and
+    every head turn would bend the streaks; a smooth fill stays smooth however the animator warps it.
+    """
+    known = coverage >= 0.999
+    if not known.any():
+        return image
+    picture = image.astype(np.float32)
+    weight = known.astype(np.float32)
+    levels = [(picture * weight[..., None], weight)]
+    while min(levels[-1][1].shape) > 1:  # pull: area-average colour and weight up the pyramid
+        colour, weight = levels[-1]
+        half = (max(weight.shape[1] // 2, 1), max(weight.shape[0] // 2, 1))
+        levels.append((cv2.resize(colour, half, interpolation=cv2.INTER_AREA).reshape(half[1], half[0], 3),
+                       cv2.resize(weight, half, interpolation=cv2.INTER_AREA)))
+    colour, weight = levels[-1]
+    estimate = colour / np.maximum(weight, 1e-6)[..., None]
+    for colour, weight in reversed(levels[:-1]):  # push: a level's own colour where it saw enough
+        coarse = cv2.resize(estimate, (weight.shape[1], weight.shape[0]),
+                            interpolation=cv2.INTER_LINEAR).reshape(colour.shape)
+        trust = np.clip(4.0 * weight, 0.0, 1.0)[..., None]
+        estimate = trust * colour / np.maximum(weight, 1e-6)[..., None] + (1.0 - trust) * coarse
+    edge = known & ~cv2.erode(known.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    backdrop = picture[edge].mean(0) if edge.any() else picture[known].mean(0)
+    distance = cv2.distanceTransform((~known).astype(np.uint8), cv2.DIST_L2, 5)
+    near = np.exp(-distance / max(fade, 1e-6))[..., None]
+    fill = near * estimate + (1.0 - near) * backdrop
+    cover = coverage[..., None]
+    return np.clip(np.rint(cover * picture + (1.0 - cover) * fill), 0, 255).astype(np.uint8)
+
+
 def outside_fraction(m: np.ndarray, image_shape: tuple[int, ...], size: int) -> float:
     """The share of an aligned ``size``-square frame (``align``'s matrix ``m``) that lies outside the
-    source image: what ``align`` filled by replicating the source's border (a tight face crop)."""
+    source image: what ``align`` fills with a plain backdrop (a tight face crop)."""
     inverse = np.linalg.inv(np.vstack([np.asarray(m, np.float64), [0.0, 0.0, 1.0]]))[:2]
     ys, xs = np.mgrid[0:size, 0:size].astype(np.float64)
     x, y = inverse @ np.stack([xs.ravel(), ys.ravel(), np.ones(size * size)])

@@ -23,7 +23,7 @@ from perse_ray.faces import Face, FaceModel, align, face_from_landmarks, outside
 from perse_ray.portraits import Candidate, ImageRejected, encode_png, load_image
 
 # Past this share of the aligned frame outside the image the portrait is a tight face crop: the
-# repeated edge shows as streaks around the head and as a smeared far side in wide turns.
+# head's outline, hair and far side lie on the plain backdrop ``align`` fills there.
 TIGHT_CROP = 0.25
 
 
@@ -101,9 +101,9 @@ def ingest_subject(candidate: Candidate, face_model: FaceModel, cfg: Config) -> 
         reason += f"; input downscaled by {best.scale:.3f} before detection"
     outside = outside_fraction(m, best.image.shape, size)
     if outside > TIGHT_CROP:
-        reason += (f"; tight crop: {outside:.0%} of the aligned frame lies outside the image and repeats its "
-                   f"edge (streaks around the head, a smeared far side in wide turns): a photo with the "
-                   f"whole head and some background does better")
+        reason += (f"; tight crop: {outside:.0%} of the aligned frame lies outside the image and is a plain "
+                   f"backdrop (no hair, ears or head outline to turn with the face): a photo with the whole "
+                   f"head and some background does better")
     x0, y0, x1, y1 = (float(v) / best.scale for v in best.face.box)
     return {**row, "status": "ok", "reason": _with_notes(reason, candidate.notes),
             "face_box": [x0, y0, x1, y1], "landmarks": landmarks.astype(np.float32).tolist(),
