@@ -1,70 +1,19 @@
 """Builds and loads the compiled CPU rasterizer (csrc/rasterize_cpu.cpp).
 
-The extension is compiled on first use with torch.utils.cpp_extension into
-``${PERSE_RAY_CACHE:-~/.cache/perse_ray}/torch_extensions/<hash>``, where the
-hash covers the source, the compiler flags and the torch/Python versions, so a
-build happens once per machine and configuration. A file lock serialises
-concurrent builds (pytest-xdist, Ray workers).
+The build itself (cache under ``${PERSE_RAY_CACHE:-~/.cache/perse_ray}``, keyed by
+source, flags and versions; a file lock against concurrent builds) is shared with
+the other kernels: see perse_ray/cpp_ext.py.
 """
 
 from __future__ import annotations
 
-import fcntl
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import sys
 from pathlib import Path
 
-import torch
+from .. import cpp_ext
+from ..cpp_ext import CFLAGS, LDFLAGS, cache_root, cpu_supports_avx2  # noqa: F401  (public names)
 
 SOURCE = Path(__file__).with_name("csrc") / "rasterize_cpu.cpp"
-CFLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-LDFLAGS = ["-fopenmp"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PERSE_RAY_CACHE", "~/.cache/perse_ray")).expanduser()
-
-
-def cpu_supports_avx2() -> bool:
-    """True when the CPU has AVX2 and FMA, which the kernel is compiled for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return {"avx2", "fma"} <= flags
-    except OSError:
-        pass
-    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def _build_key() -> str:
-    h = hashlib.sha256(SOURCE.read_bytes())
-    h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
-    return h.hexdigest()[:16]
-
-
-def _ensure_ninja_on_path() -> None:
-    # torch's JIT build shells out to `ninja`; the pip wheel installs it next to
-    # the interpreter, which is not on PATH when the venv is not activated.
-    if shutil.which("ninja"):
-        return
-    candidates = [Path(sys.executable).parent]
-    try:
-        import ninja
-
-        candidates.insert(0, Path(ninja.BIN_DIR))
-    except ImportError:
-        pass
-    for d in candidates:
-        if (d / "ninja").exists():
-            os.environ["PATH"] = f"{d}{os.pathsep}{os.environ.get('PATH', '')}"
-            return
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,32 +24,4 @@ def load():
             "perse_ray.render: the 'cpu' backend needs a CPU with AVX2 and FMA; "
             "use backend='torch' on this machine"
         )
-    # importing cpp_extension on a CUDA build without a GPU logs a CUDA_HOME
-    # warning that does not concern CPU builds
-    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-    level = cpp_logger.level
-    cpp_logger.setLevel(logging.ERROR)
-    try:
-        from torch.utils.cpp_extension import load as load_extension
-    finally:
-        cpp_logger.setLevel(level)
-
-    key = _build_key()
-    build_dir = cache_root() / "torch_extensions" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    _ensure_ninja_on_path()
-    with open(build_dir / "build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return load_extension(
-                name=f"perse_ray_render_{key}",
-                sources=[str(SOURCE)],
-                extra_cflags=CFLAGS,
-                extra_ldflags=LDFLAGS,
-                build_directory=str(build_dir),
-                verbose=False,
-            )
-        except Exception as e:  # the message carries the compiler output
-            raise RuntimeError(f"perse_ray.render: building the CPU rasterizer failed:\n{e}") from e
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return cpp_ext.load_extension("perse_ray_render", SOURCE)  # RuntimeError with the compiler output
