@@ -19,6 +19,7 @@ import math
 import torch
 from torch import nn
 
+from perse_ray.avatar import fused_mlp
 from perse_ray.avatar.layout import LatentLayout
 from perse_ray.config import AvatarConfig
 
@@ -126,10 +127,14 @@ class BranchDecoder(nn.Module):
                 anchor = int(at_source.nonzero()[0, 0]) if known and bool(at_source.any()) else len(zu)
                 if anchor == len(zu):
                     zu = torch.cat([zu, zu.new_zeros(1, zu.shape[1])])  # f(0) as one more row
-            h = nn.functional.silu(g[None] + (zu @ w_z[b][: z.shape[1]] + b_in[b])[:, None])  # [U, n_b, H]
-            for w, bias in w_hidden:
-                h = nn.functional.silu(h @ w[b] + bias[b])
-            out = h @ w_out[b] + b_out[b]  # [U, n_b, out]
+            zp = zu @ w_z[b][: z.shape[1]] + b_in[b]  # [U, H]
+            if not w_hidden and _fused_here(g):
+                out = fused_mlp.silu_mlp(g, zp, w_out[b], b_out[b])  # [U, n_b, out], no [U, n_b, H] kept
+            else:
+                h = nn.functional.silu(g[None] + zp[:, None])  # [U, n_b, H]
+                for w, bias in w_hidden:
+                    h = nn.functional.silu(h @ w[b] + bias[b])
+                out = h @ w_out[b] + b_out[b]  # [U, n_b, out]
             if anchored[b]:
                 # Zero where z is the source code by construction, not by rounding: f(0) − f(0) computed
                 # in two places need not cancel bit for bit.
@@ -145,6 +150,12 @@ class BranchDecoder(nn.Module):
                 totals[p] = out if total is None else total + out
         total = totals[0] if parts is None else [zeros() if t is None else t for t in totals]
         return total if l1_of is None else (total, l1)
+
+
+def _fused_here(t: torch.Tensor) -> bool:
+    """Whether the one-hidden-layer branches run on the fused CPU kernel (``fused_mlp``): float32 on
+    the CPU where it builds (an AVX2 CPU with a C++ compiler); elsewhere torch's ops, the same sums."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and fused_mlp.available()
 
 
 def _union_terms(logits: torch.Tensor, attribute_deltas) -> tuple[torch.Tensor, list[torch.Tensor]]:
