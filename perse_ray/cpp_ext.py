@@ -103,3 +103,31 @@ def load_extension(name: str, source: Path):
             raise RuntimeError(f"perse_ray: building {source.name} failed:\n{e}") from e
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class OptionalKernel:
+    """A kernel its caller runs where it builds and replaces with torch's ops elsewhere:
+    ``available()`` builds it once per process (a failed build, ~10 s of compiler, is not tried again,
+    and is logged once with the compiler's output) and ``module()`` returns it or raises the reason."""
+
+    def __init__(self, name: str, source: Path):
+        self.name, self.source = name, Path(source)
+
+    @functools.cached_property
+    def _loaded(self):
+        if not cpu_supports_avx2():
+            return None, RuntimeError(f"perse_ray: {self.source.name} needs a CPU with AVX2 and FMA")
+        try:
+            return load_extension(self.name, self.source), None
+        except RuntimeError as e:  # carries the compiler output
+            logging.getLogger(__name__).warning("%s; torch's ops run instead (slower, the same sums)", e)
+            return None, e
+
+    def available(self) -> bool:
+        return self._loaded[1] is None
+
+    def module(self):
+        module, error = self._loaded
+        if error is not None:
+            raise RuntimeError(str(error))
+        return module

@@ -10,7 +10,6 @@ AVX2/FMA; float64 (for gradcheck) takes the kernel's scalar path. Call
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -22,28 +21,9 @@ from .. import cpp_ext
 SOURCE = Path(__file__).with_name("csrc") / "branch_mlp_cpu.cpp"
 
 
-@functools.lru_cache(maxsize=None)
-def _load():
-    """(module, None) or (None, error), once per process: a build that failed (~10 s of compiler)
-    is not tried again on every call."""
-    if not cpp_ext.cpu_supports_avx2():
-        return None, RuntimeError("perse_ray.avatar.fused_mlp needs a CPU with AVX2 and FMA")
-    try:
-        return cpp_ext.load_extension("perse_ray_branch_mlp", SOURCE), None
-    except RuntimeError as e:  # carries the compiler output
-        return None, e
-
-
-def _ext():
-    module, error = _load()
-    if error is not None:
-        raise RuntimeError(str(error))
-    return module
-
-
-def available() -> bool:
-    """True when the kernel can run here: an AVX2 CPU and the extension built (builds it once)."""
-    return _load()[1] is None
+KERNEL = cpp_ext.OptionalKernel("perse_ray_branch_mlp", SOURCE)
+_ext = KERNEL.module
+available = KERNEL.available  # an AVX2 CPU and the extension built (builds it once)
 
 
 class _SiluMLP(torch.autograd.Function):

@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from perse_ray.avatar import fused_mlp
+from perse_ray.avatar import fused_compose, fused_mlp
 from perse_ray.avatar.layout import LatentLayout
 from perse_ray.config import AvatarConfig
 
@@ -156,6 +156,13 @@ def _fused_here(t: torch.Tensor) -> bool:
     """Whether the one-hidden-layer branches run on the fused CPU kernel (``fused_mlp``): float32 on
     the CPU where it builds (an AVX2 CPU with a C++ compiler); elsewhere torch's ops, the same sums."""
     return t.device.type == "cpu" and t.dtype == torch.float32 and fused_mlp.available()
+
+
+def _fused_compose_here(t: torch.Tensor, color_dominance: float) -> bool:
+    """Whether the union/owned composition runs on the fused CPU kernel (``fused_compose``): at colour
+    dominance 0, float32 on the CPU where it builds; elsewhere torch's ops below, the same sums."""
+    return (color_dominance == 0 and t.device.type == "cpu" and t.dtype == torch.float32
+            and fused_compose.available())
 
 
 def _union_terms(logits: torch.Tensor, attribute_deltas) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -348,7 +355,15 @@ class AvatarModel(nn.Module):
                            [b.anchored for b in layout_branches],
                            [b.input != "expression" for b in layout_branches] if attribute_l1 else None, parts)
         deltas, l1 = out if attribute_l1 else (out, None)
-        if union:
+        fused = union and _fused_compose_here(deltas[0], self.cfg.color_dominance)
+        if fused:  # the union branch below in one compiled pass, the same sums
+            expression = deltas[0]
+            attributes = torch.stack(deltas[1:]) if len(deltas) > 1 else expression.new_zeros(0, *expression.shape)
+            d_mean, d_quat, d_scale, opacities, colors = fused_compose.compose_parts(
+                self.opacity_logits, self.color_logits, expression, attributes,
+                self.cfg.attribute_composition == "owned", DELTA_UNITS["opacity"], DELTA_UNITS["color"])
+            d = {"mean": d_mean, "quat": d_quat, "scale": d_scale}
+        elif union:
             expression, attributes = deltas[0], deltas[1:]  # [B, N, 14] each
             logits = self.opacity_logits + DELTA_UNITS["opacity"] * expression[..., 10]  # channel 10: opacity
             keep, clears = _union_terms(logits, [DELTA_UNITS["opacity"] * part[..., 10] for part in attributes])
@@ -360,7 +375,8 @@ class AvatarModel(nn.Module):
             changes = torch.stack([DELTA_UNITS["color"] * part[..., 11:14] for part in attributes])
             colors = torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * expression[..., 11:14]
                                    + dominant_change(changes, self.cfg.color_dominance))
-        d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
+        if not fused:
+            d = dict(zip(DELTA_CHANNELS, deltas.split(list(DELTA_CHANNELS.values()), dim=-1)))
         if not union:
             opacities = torch.sigmoid(self.opacity_logits + DELTA_UNITS["opacity"] * d["opacity"][..., 0])
             colors = torch.sigmoid(self.color_logits + DELTA_UNITS["color"] * d["color"])
