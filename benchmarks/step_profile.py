@@ -3,6 +3,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/step_profile.py [--json] [--quick] [--preset cpu]
         [--size 64 --size 128] [--gaussians 4000 --gaussians 12000] [--repeats 30] [--set KEY=VALUE]
+        [--compare-torch-ops]
 
 The frames are the procedural head's (perse_ray.bench), the model is the preset's. Each part is
 timed alone on the same batch, with its inputs made leaves so the backward of one part does not
@@ -18,6 +19,7 @@ says otherwise. ``--quick``: the cpu-smoke preset at its own sizes, 5 repeats (s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -116,6 +118,22 @@ def profile(cfg, rows, repeats: int, config_note: dict) -> dict[str, float]:
     return out
 
 
+@contextlib.contextmanager
+def _decoder_ops(ops: str):
+    """The decoder on the fused CPU kernels where they run ("fused", as training takes it) or on
+    torch's ops ("torch", what runs without them)."""
+    from perse_ray.avatar import model as model_module
+
+    saved = model_module._fused_here, model_module._fused_compose_here
+    if ops == "torch":
+        model_module._fused_here = lambda t: False
+        model_module._fused_compose_here = lambda t, dominance: False
+    try:
+        yield
+    finally:
+        model_module._fused_here, model_module._fused_compose_here = saved
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="JSON lines (figure, value, unit, config)")
@@ -125,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--gaussians", type=int, action="append", help="Gaussian count (repeatable; default the preset's)")
     p.add_argument("--repeats", type=int, default=None, help="timings per figure (median; default 30)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--compare-torch-ops", action="store_true",
+                   help="also time every part with the decoder on torch's ops instead of the fused CPU kernels "
+                        "(perse_ray/avatar/fused_*.py), one after the other in the same run")
     args = p.parse_args(argv)
     preset = args.preset or ("cpu-smoke" if args.quick else "cpu")
     repeats = args.repeats or (5 if args.quick else 30)
@@ -137,14 +158,18 @@ def main(argv=None) -> int:
         for n in counts:
             cfg = load_config(preset, args.overrides + [f"render.width={size}", f"render.height={size}",
                                                         f"avatar.num_gaussians={n}"])
-            config = {"preset": preset, "size": size, "num_gaussians": n, "batch_size": cfg.train.batch_size,
-                      "threads": torch.get_num_threads(), "repeats": repeats, "overrides": args.overrides}
-            for part, ms in profile(cfg, rows, repeats, config).items():
-                if args.json:
-                    print(json.dumps({"figure": f"step_ms_{part}", "value": round(ms, 3), "unit": "ms",
-                                      "config": config}), flush=True)
-                else:
-                    print(f"{size:4d}px {n:6d} gaussians  {part:20s} {ms:9.2f} ms", flush=True)
+            for ops in ("fused", "torch") if args.compare_torch_ops else ("fused",):
+                config = {"preset": preset, "size": size, "num_gaussians": n, "batch_size": cfg.train.batch_size,
+                          "threads": torch.get_num_threads(), "repeats": repeats, "overrides": args.overrides,
+                          "decoder_ops": ops}
+                with _decoder_ops(ops):
+                    parts = profile(cfg, rows, repeats, config)
+                for part, ms in parts.items():
+                    if args.json:
+                        print(json.dumps({"figure": f"step_ms_{part}", "value": round(ms, 3), "unit": "ms",
+                                          "config": config}), flush=True)
+                    else:
+                        print(f"{size:4d}px {n:6d} gaussians {ops:5s} {part:20s} {ms:9.2f} ms", flush=True)
     return 0
 
 
