@@ -43,7 +43,10 @@ def cpu_supports_avx2() -> bool:
 
 
 def build_key(source: Path) -> str:
-    h = hashlib.sha256(Path(source).read_bytes())
+    source = Path(source)
+    h = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # what the source may include from its folder
+        h.update(header.name.encode() + header.read_bytes())
     h.update(repr((CFLAGS, LDFLAGS, torch.__version__, sys.version_info[:2], platform.machine())).encode())
     return h.hexdigest()[:16]
 

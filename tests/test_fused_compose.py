@@ -194,11 +194,12 @@ def test_bad_inputs_raise():
         compose_parts(ol, cl, e[..., :13], p, True, *UNITS)
 
 
-@pytest.mark.parametrize("composition", ["owned", "union"])
-def test_the_decoder_on_the_kernel_decodes_as_on_torchs_ops(monkeypatch, composition):
-    """AvatarModel.gaussians takes the kernel for the union/owned composition on the CPU: Gaussians and
-    every parameter's gradient as torch's ops give them, with branch regions and anchored attributes."""
-    from perse_ray.avatar import fused_compose
+@pytest.mark.parametrize("kernel,composition", [("compose", "owned"), ("compose", "union"), ("mlp", "owned")])
+def test_the_decoder_on_the_kernels_decodes_as_on_torchs_ops(monkeypatch, kernel, composition):
+    """AvatarModel.gaussians takes the kernels on the CPU (the branch MLP's, fused_mlp, and the union/owned
+    composition's, fused_compose): Gaussians and every parameter's gradient as torch's ops give them,
+    with branch regions and anchored attributes."""
+    from perse_ray.avatar import fused_compose, fused_mlp
     from perse_ray.avatar import model as model_module
     from perse_ray.avatar.model import AvatarModel
     from perse_ray.config import load_config
@@ -219,8 +220,10 @@ def test_the_decoder_on_the_kernel_decodes_as_on_torchs_ops(monkeypatch, composi
     selections[2, 0] = torch.tensor([0.0, 1.0, 0.4])  # a slider between two edits
     expression = torch.rand(3, layout.exp_dim, generator=gen)
     calls = []
-    monkeypatch.setattr(fused_compose, "compose_parts",
-                        lambda *args: calls.append(1) or compose_parts(*args))
+    module, function, switch = {"compose": (fused_compose, "compose_parts", "_fused_compose_here"),
+                                "mlp": (fused_mlp, "silu_mlp", "_fused_here")}[kernel]
+    original = getattr(module, function)
+    monkeypatch.setattr(module, function, lambda *args: calls.append(1) or original(*args))
 
     def decode():
         model.zero_grad(set_to_none=True)
@@ -229,10 +232,11 @@ def test_the_decoder_on_the_kernel_decodes_as_on_torchs_ops(monkeypatch, composi
         return g, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
     fused_g, fused_grads = decode()
-    assert calls == [1]
-    monkeypatch.setattr(model_module, "_fused_compose_here", lambda t, dominance: False)
+    assert calls
+    made = len(calls)
+    monkeypatch.setattr(model_module, switch, lambda *args: False)
     torch_g, torch_grads = decode()
-    assert calls == [1]
+    assert len(calls) == made
     assert fused_grads.keys() == torch_grads.keys() and {"opacity_logits", "decoder.w_out"} <= fused_grads.keys()
     for k in torch_g:
         torch.testing.assert_close(fused_g[k], torch_g[k], rtol=1e-5, atol=1e-6)

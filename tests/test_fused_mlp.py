@@ -162,39 +162,3 @@ def test_fused_row_independent_of_other_rows(n, H):
     for u in range(4):
         assert torch.equal(silu_mlp(g, zp[u:u + 1], w, b)[0], together[u]), u
 
-
-def test_the_decoder_on_the_kernel_decodes_as_on_torchs_ops(monkeypatch):
-    """The avatar decoder takes the kernel on the CPU: Gaussians and every parameter's gradient as
-    torch's ops give them, with branch regions and the owned composition of the cpu preset."""
-    from perse_ray.avatar import model as model_module
-    from perse_ray.avatar.model import AvatarModel
-    from perse_ray.config import load_config
-    from perse_ray.train.loop import training_layout
-
-    cfg = load_config("cpu", ["avatar.num_gaussians=300"])
-    layout = training_layout(cfg)
-    model = AvatarModel(layout, cfg.avatar, seed=0)
-    gen = torch.Generator().manual_seed(1)
-    for p in model.decoder.parameters():  # a trained-like decoder, not the zero output layer
-        p.data.normal_(0, 0.1, generator=gen)
-    model.branch_regions[0, ::3] = False  # the first attribute acts on two thirds of the Gaussians
-    num_attributes = len(layout.attributes)
-    selections = torch.tensor([[[k % 2, k % 2, 0.0]] * num_attributes for k in range(3)])
-    selections[2, 0] = torch.tensor([0.0, 1.0, 0.4])  # a slider between two edits
-    expression = torch.rand(3, layout.exp_dim, generator=gen)
-
-    def decode():
-        model.zero_grad(set_to_none=True)
-        g = model.gaussians(model.compose(expression, selections), attribute_l1=True)
-        sum((v * torch.linspace(0.5, 1.5, v.numel()).reshape(v.shape)).sum() for v in g.values()).backward()
-        return g, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-    fused_g, fused_grads = decode()
-    monkeypatch.setattr(model_module, "_fused_here", lambda t: False)
-    torch_g, torch_grads = decode()
-    assert fused_grads.keys() == torch_grads.keys() and "decoder.w_out" in fused_grads
-    for k in torch_g:
-        torch.testing.assert_close(fused_g[k], torch_g[k], rtol=1e-5, atol=1e-6)
-    for k in torch_grads:  # sums over many Gaussians: float32 rounding relative to the largest entry
-        scale = float(torch_grads[k].abs().max())
-        torch.testing.assert_close(fused_grads[k], torch_grads[k], rtol=1e-4, atol=1e-5 * scale)

@@ -39,6 +39,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "exp_avx2.h"
+
 namespace {
 
 // Threads for `work` rows, at most one per `grain`: forking for a fraction of
@@ -55,34 +57,11 @@ constexpr int64_t kSub = 32;         // backward rows whose h / dout scratch sta
 // AVX2 float path
 // ---------------------------------------------------------------------------
 
-// e^x: x = m ln2 + r with |r| <= ln2 / 2 (ln2 in a short high part and a low
-// part, so m ln2 is subtracted almost exactly), e^r by its Taylor series up to
-// r^7 (truncation below 6e-9 relative), 2^m written into the exponent bits.
-// x is clamped to where 2^m stays a normal float; ~2 ulp overall.
-inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 m = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(m, _mm256_set1_ps(0.693145751953125f), x);
-    r = _mm256_fnmadd_ps(m, _mm256_set1_ps(1.42860682030941723e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i bits = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(m), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-
 // s = sigmoid(x) = 1 / (1 + e^-x), h = silu(x) = x s. The backward recomputes
 // both with this same function, so its h is the forward's bit for bit.
 inline void silu8(__m256 x, __m256 &h, __m256 &s) {
     const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 e = exp8(_mm256_xor_ps(x, _mm256_set1_ps(-0.0f)));
+    const __m256 e = exp_avx2(_mm256_xor_ps(x, _mm256_set1_ps(-0.0f)));
     s = _mm256_div_ps(one, _mm256_add_ps(one, e));
     h = _mm256_mul_ps(x, s);
 }
