@@ -19,8 +19,6 @@ from torch.autograd.function import once_differentiable
 from .. import cpp_ext
 
 SOURCE = Path(__file__).with_name("csrc") / "branch_mlp_cpu.cpp"
-
-
 KERNEL = cpp_ext.OptionalKernel("perse_ray_branch_mlp", SOURCE)
 _ext = KERNEL.module
 available = KERNEL.available  # an AVX2 CPU and the extension built (builds it once)
