@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -325,6 +326,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
+_EXPONENT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+
+
 def _coerce(tp: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -357,6 +361,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected null, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _EXPONENT_WITHOUT_DOT.fullmatch(value):
+        return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string; it means the number
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
