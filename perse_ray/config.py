@@ -326,7 +326,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     return cls(**kwargs)
 
 
-_EXPONENT_WITHOUT_DOT = re.compile(r"[-+]?[0-9]+[eE][-+]?[0-9]+")
+# YAML 1.1 reads a number in exponent form as a string unless it has both a dot and a signed
+# exponent: 3e-3, 1e5 and 1.5e3 arrive as str. A float setting takes them as the numbers they are.
+_EXPONENT_FORM = re.compile(r"[-+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+")
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:
@@ -361,8 +363,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected null, got {value!r}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp is float and isinstance(value, str) and _EXPONENT_WITHOUT_DOT.fullmatch(value):
-        return float(value)  # YAML 1.1 reads 3e-3 (no dot) as a string; it means the number
+    if tp is float and isinstance(value, str) and _EXPONENT_FORM.fullmatch(value):
+        return float(value)
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{path}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -36,12 +36,14 @@ def test_presets_differ_where_they_should():
 
 def test_overrides_apply_and_parse_types():
     cfg = load_config("cpu", ["train.steps=200", "avatar.num_gaussians=5000", "avatar.background=[0,0,0]",
-                              "synth.motion.num_frames=5", "train.lambda_ssim=1", "train.lr_decoder=3e-3"])
+                              "synth.motion.num_frames=5", "train.lambda_ssim=1", "train.lr_decoder=3e-3",
+                              "train.lr_means=1.5e3", "train.lr_codes=1e-2"])
     assert cfg.train.steps == 200 and cfg.avatar.num_gaussians == 5000
     assert cfg.avatar.background == [0.0, 0.0, 0.0]
     assert cfg.synth.motion.num_frames == 5
     assert cfg.train.lambda_ssim == 1.0 and isinstance(cfg.train.lambda_ssim, float)
-    assert cfg.train.lr_decoder == 0.003  # YAML 1.1 reads an exponent without a dot as a string
+    # YAML 1.1 reads these exponent forms (no dot, or no sign) as strings
+    assert (cfg.train.lr_decoder, cfg.train.lr_means, cfg.train.lr_codes) == (0.003, 1500.0, 0.01)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -51,6 +53,7 @@ def test_overrides_apply_and_parse_types():
     ("train.steps=1.5", "train.steps: expected int"),
     ("train.steps=2e3", "train.steps: expected int"),
     ("train.lr_decoder=3e-3x", "train.lr_decoder: expected float"),
+    ("train.lr_decoder=nan", "train.lr_decoder: expected float"),
     ("synth.morph_alphas=0.5", "synth.morph_alphas: expected a list"),
     ("train.steps", "must look like section.key=value"),
     ("train=3", "train: expected a mapping"),
